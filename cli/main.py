@@ -1,0 +1,155 @@
+"""The `cortexx` command: every process and ops tool of Cortexx Stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from infra.logging import configure_logging
+from infra.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="cortexx",
+    help="Cortexx Stream: Meta webhooks to Postgres and WhatsApp, through Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+tenants_app = typer.Typer(help="Register and update companies (tenants).", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+
+
+def _settings(process: str) -> Settings:
+    settings = get_settings()
+    configure_logging(settings.log_level, process=process)
+    return settings
+
+
+@app.command()
+def up(
+    ingest_port: int = typer.Option(None, help="Port of the ingest endpoint (default 8000)."),
+) -> None:
+    """Run the whole system: services (embedded unless URLs are set), migrations, ingest, worker."""
+    from cli.up import run_up
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]  # up owns services.env
+    configure_logging(settings.log_level, process="up")
+    if ingest_port is not None:
+        settings.ingest_port = ingest_port
+    raise typer.Exit(run_up(settings))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations not yet applied."""
+    from cli.services import database
+    from infra.migrate import migrate as apply
+
+    settings = _settings("migrate")
+    with database(settings) as url:
+        applied = asyncio.run(apply(url))
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@tenants_app.command("add")
+def tenants_add(
+    slug: str = typer.Option(..., help="URL name of the company: /webhooks/meta/SLUG"),
+    app_secret: str = typer.Option(..., help="The Meta app secret that signs its webhooks."),
+    verify_token: str = typer.Option(..., help="The token Meta's verification handshake sends."),
+    name: str = typer.Option("", help="Display name (defaults to the slug)."),
+) -> None:
+    """Register a company, or update its secrets when it exists."""
+    from cli.services import database
+    from infra.db import connect
+    from infra.migrate import migrate as apply
+    from infra.tenants import InvalidSlug, upsert_tenant
+
+    settings = _settings("tenants")
+
+    async def run(url: str) -> tuple[int, bool]:
+        await apply(url)
+        conn = await connect(url)
+        try:
+            tenant, created = await upsert_tenant(
+                conn, slug=slug, app_secret=app_secret, verify_token=verify_token, name=name
+            )
+        finally:
+            await conn.close()
+        return tenant.id, created
+
+    with database(settings) as url:
+        try:
+            company_id, created = asyncio.run(run(url))
+        except InvalidSlug as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"{'registered' if created else 'updated'} company {slug} (id {company_id})")
+
+
+@app.command()
+def ingest(
+    port: int = typer.Option(None, help="Port to listen on (default CORTEXX_INGEST_PORT)."),
+) -> None:
+    """Serve the Meta webhook endpoint."""
+    import uvicorn
+
+    from cli.services import need_url
+    from ingest.app import create_app
+
+    settings = _settings("ingest")
+    settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
+    settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.ingest_host,
+        port=port or settings.ingest_port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+
+
+@app.command()
+def worker() -> None:
+    """Run the stream worker (the Faust app and its agents)."""
+    from cli.services import need_url
+    from processors.app import run_worker
+
+    settings = _settings("worker")
+    settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
+    settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
+    raise typer.Exit(run_worker(settings))
+
+
+@app.command()
+def simulate(
+    url: str = typer.Option(None, help="Ingest base URL (default http://127.0.0.1:INGEST_PORT)."),
+    tenant: str = typer.Option("demo", help="Slug of the demo company (registered if missing)."),
+    contacts: int = typer.Option(50, min=1, help="Distinct contacts writing in."),
+    messages: int = typer.Option(10, min=1, help="Inbound messages per contact."),
+    concurrency: int = typer.Option(16, min=1, help="POSTs in flight at once."),
+    seed: int = typer.Option(7, help="Seed of the generated stream."),
+    verify: bool = typer.Option(True, help="Wait until Postgres holds every message."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for Postgres when verifying."),
+) -> None:
+    """Post a stream of realistic signed webhooks to a running ingest, then check Postgres."""
+    from cli.simulate import run_simulation
+
+    settings = _settings("simulate")
+    base = url or f"http://127.0.0.1:{settings.ingest_port}"
+    ok = run_simulation(
+        settings, base_url=base, tenant=tenant, contacts=contacts, messages=messages,
+        concurrency=concurrency, seed=seed, verify=verify, timeout_s=timeout,
+    )
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Resolve the services a command needs: the ones given by URL, or embedded ones in development."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import typer
+
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres
+from infra.settings import Settings
+
+
+@dataclass
+class Services:
+    database_url: str
+    kafka_bootstrap: str | None
+    owned: list[EmbeddedPostgres | EmbeddedBroker] = field(default_factory=list)
+
+    def stop(self) -> None:
+        # Stop in reverse start order: the broker before Postgres is fine either way.
+        for service in reversed(self.owned):
+            service.stop()
+        self.owned.clear()
+
+
+def need_url(value: str | None, variable: str) -> str:
+    if value:
+        return value
+    typer.echo(
+        f"{variable} is not set and no embedded service is running: start the stack with "
+        "`cortexx up` (which shares its services with other commands), or set the URL.",
+        err=True,
+    )
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """Postgres for a one-shot command: the configured one, or the embedded one for its duration."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    if not settings.uses_embedded:
+        need_url(None, "CORTEXX_DATABASE_URL")
+    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    pg.start()
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+def start_services(settings: Settings) -> Services:
+    """Everything `cortexx up` runs on: configured URLs, or embedded services it owns."""
+    services = Services(database_url=settings.database_url or "", kafka_bootstrap=None)
+    try:
+        if not settings.database_url:
+            pg = EmbeddedPostgres(settings.data_dir / "postgres")
+            pg.start()
+            services.owned.append(pg)
+            services.database_url = pg.url
+        if settings.kafka_bootstrap:
+            services.kafka_bootstrap = settings.kafka_bootstrap
+        else:
+            broker = EmbeddedBroker(settings.data_dir / "broker")
+            broker.start()
+            services.owned.append(broker)
+            services.kafka_bootstrap = broker.bootstrap
+    except BaseException:
+        services.stop()
+        raise
+    return services

@@ -1,0 +1,148 @@
+"""`cortexx up`: services, migrations, then ingest and worker as child processes.
+
+The children run in their own sessions, so Ctrl-C reaches only this supervisor, which then stops
+them in order (edges first, so in-flight work drains, then the services they depend on). A child
+that dies is restarted with a growing delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import typer
+
+from cli.services import Services, start_services
+from infra.logging import get_logger
+from infra.migrate import migrate
+from infra.settings import Settings
+from infra.topics import declare_topics
+
+log = get_logger("up")
+
+CHILD_GRACE_S = 15.0
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    url: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *self.args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+        log.info("up.child_started", child=self.name, pid=self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(CHILD_GRACE_S)
+        except subprocess.TimeoutExpired:
+            log.warning("up.child_killed", child=self.name, pid=self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+        log.info("up.child_stopped", child=self.name, code=self.proc.returncode)
+
+
+def _child_env(settings: Settings, services: Services) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CORTEXX_DATABASE_URL"] = services.database_url
+    env["CORTEXX_KAFKA_BOOTSTRAP"] = services.kafka_bootstrap or ""
+    env["CORTEXX_DATA_DIR"] = str(settings.data_dir)
+    return env
+
+
+def _write_services_env(settings: Settings, services: Services) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.services_env_path.write_text(
+        f"CORTEXX_DATABASE_URL={services.database_url}\n"
+        f"CORTEXX_KAFKA_BOOTSTRAP={services.kafka_bootstrap}\n"
+        f"CORTEXX_INGEST_PORT={settings.ingest_port}\n"
+    )
+
+
+def run_up(settings: Settings) -> int:
+    settings.services_env_path.unlink(missing_ok=True)
+    services = start_services(settings)
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("up.forced_exit", signal=signum)
+            raise SystemExit(130)
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    children = [
+        Child("ingest", ["ingest"], url=f"http://{settings.ingest_host}:{settings.ingest_port}"),
+        Child("worker", ["worker"]),
+    ]
+    try:
+        asyncio.run(migrate(services.database_url))
+        assert services.kafka_bootstrap is not None
+        asyncio.run(
+            declare_topics(
+                services.kafka_bootstrap,
+                partitions=settings.topic_partitions,
+                replication=settings.topic_replication,
+            )
+        )
+        _write_services_env(settings, services)
+        env = _child_env(settings, services)
+        for child in children:
+            child.start(env)
+        typer.echo("Cortexx is up:")
+        for child in children:
+            if child.url:
+                typer.echo(f"  {child.name:<8} {child.url}")
+        typer.echo(f"  postgres {services.database_url}")
+        typer.echo(f"  kafka    {services.kafka_bootstrap}")
+        typer.echo("Press Ctrl-C to stop.")
+        while not stopping:
+            time.sleep(0.2)
+            for child in children:
+                _supervise(child, env)
+        log.info("up.stopping")
+        return 0
+    finally:
+        for child in children:
+            child.stop()
+        settings.services_env_path.unlink(missing_ok=True)
+        services.stop()
+        log.info("up.stopped")
+
+
+def _supervise(child: Child, env: dict[str, str]) -> None:
+    if child.proc is None or child.proc.poll() is None:
+        return
+    now = time.monotonic()
+    if child.next_start == 0.0:
+        # Back off when it keeps dying quickly; a long healthy run resets the delay.
+        if now - child.started_at > 60:
+            child.restarts = 0
+        delay = min(30.0, 0.5 * 2**child.restarts)
+        child.next_start = now + delay
+        log.error("up.child_exited", child=child.name, code=child.proc.returncode, restart_in_s=delay)
+    elif now >= child.next_start:
+        child.restarts += 1
+        child.next_start = 0.0
+        child.start(env)

@@ -1,0 +1,98 @@
+"""Split a validated Meta envelope into topic records, one per routable update.
+
+A WhatsApp `messages` change is split per message and per status (each keeps the change's
+metadata, its own contact and every other field of the value), so each record can be keyed by
+the conversation it belongs to. Messenger / Instagram events are one record each. Any other
+change is one record, keyed by tenant and field, and kept as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from schemas.meta import WHATSAPP_OBJECT
+from schemas.records import WebhookRecord
+
+_SPLIT_KEYS = ("messages", "statuses", "contacts")
+
+
+def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (contact id, value holding one message or one status) for a `messages` change."""
+    messages = value.get("messages")
+    statuses = value.get("statuses")
+    if not isinstance(messages, list):
+        messages = []
+    if not isinstance(statuses, list):
+        statuses = []
+    if not messages and not statuses:
+        yield "", value
+        return
+    rest = {k: v for k, v in value.items() if k not in _SPLIT_KEYS}
+    contacts = value.get("contacts") if isinstance(value.get("contacts"), list) else []
+    by_wa_id = {c.get("wa_id"): c for c in contacts if isinstance(c, dict)}
+    for message in messages:
+        sender = str(message.get("from", "")) if isinstance(message, dict) else ""
+        part = dict(rest)
+        contact = by_wa_id.get(sender)
+        if contact is not None:
+            part["contacts"] = [contact]
+        elif contacts:
+            part["contacts"] = contacts
+        part["messages"] = [message]
+        yield sender, part
+    for status in statuses:
+        recipient = str(status.get("recipient_id", "")) if isinstance(status, dict) else ""
+        part = dict(rest)
+        part["statuses"] = [status]
+        yield recipient, part
+
+
+def _messaging_party(event: dict[str, Any], page_id: str) -> str:
+    """The user's id in a Messenger / Instagram event: whoever is not the page."""
+    sender = event.get("sender")
+    recipient = event.get("recipient")
+    sender_id = str(sender.get("id", "")) if isinstance(sender, dict) else ""
+    recipient_id = str(recipient.get("id", "")) if isinstance(recipient, dict) else ""
+    return recipient_id if sender_id == page_id else sender_id
+
+
+def split_envelope(
+    doc: dict[str, Any], *, tenant: str, request_id: str, received_at_ms: int
+) -> list[tuple[bytes, bytes]]:
+    """Return (key, value) pairs for every update of the envelope, in the order Meta sent them."""
+    obj = str(doc["object"])
+    out: list[tuple[bytes, bytes]] = []
+    seq = 0
+    for entry in doc["entry"]:
+        entry_id = str(entry["id"])
+        entry_time = entry.get("time") if isinstance(entry.get("time"), int) else None
+        for change in entry.get("changes") or ():
+            field = change["field"]
+            value = change["value"]
+            if obj == WHATSAPP_OBJECT and field == "messages":
+                metadata = value.get("metadata")
+                phone_id = (
+                    str(metadata.get("phone_number_id", "")) if isinstance(metadata, dict) else ""
+                )
+                parts = [(f"{phone_id}:{contact}", part) for contact, part in _whatsapp_parts(value)]
+            else:
+                parts = [(f"{entry_id}:{field}", value)]
+            for conversation, payload in parts:
+                record = WebhookRecord(
+                    tenant=tenant, object=obj, entry_id=entry_id, entry_time=entry_time,
+                    kind="change", field=field, payload=payload, request_id=request_id,
+                    received_at_ms=received_at_ms, seq=seq,
+                )
+                out.append((f"{tenant}:{conversation}".encode(), record.to_bytes()))
+                seq += 1
+        for event in entry.get("messaging") or ():
+            party = _messaging_party(event, entry_id)
+            record = WebhookRecord(
+                tenant=tenant, object=obj, entry_id=entry_id, entry_time=entry_time,
+                kind="messaging", field="messaging", payload=event, request_id=request_id,
+                received_at_ms=received_at_ms, seq=seq,
+            )
+            out.append((f"{tenant}:{entry_id}:{party}".encode(), record.to_bytes()))
+            seq += 1
+    return out

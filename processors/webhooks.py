@@ -1,0 +1,145 @@
+"""The `webhooks` agent's work: a batch of `meta.webhooks` records into Postgres, once.
+
+A batch is written in one transaction. If a record in it is poison (undecodable, or refused by
+the database for its content), the batch is redone with a savepoint per record, the poison ones
+go to `meta.webhooks.dlq` with their error, and the rest are written. A database that is down
+is not poison: the batch is retried with backoff until it succeeds or the worker stops, and
+nothing is acknowledged meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from prometheus_client import Counter
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from infra.logging import get_logger
+from processors.store import BatchStats, PoisonRecord, Store
+from schemas.deadletter import DeadLetter, FailureInfo
+from schemas.records import RecordError, WebhookRecord
+
+log = get_logger("processors.webhooks")
+
+PROCESSED = Counter("cortexx_worker_records_total", "meta.webhooks records handled", ["outcome"])
+DB_RETRIES = Counter("cortexx_worker_db_retries_total", "Batches retried on a database outage")
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """What the agent hands over: a record as it came off the topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database outage or a conflict that a retry cures, as opposed to a poison record."""
+    return isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.SerializationError
+        | asyncpg.DeadlockDetectedError,
+    )
+
+
+def _is_poison(exc: BaseException) -> bool:
+    return isinstance(exc, PoisonRecord | asyncpg.PostgresError) and not is_transient(exc)
+
+
+class WebhookWriter:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dead_letter: Callable[[DeadLetter], Awaitable[None]],
+        *,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.dead_letter = dead_letter
+        self.retry_max_s = retry_max_s
+        self.company_ids: dict[str, int] = {}
+
+    async def write(self, batch: Sequence[RawRecord]) -> BatchStats:
+        """Write the batch; return only when every record is stored or dead-lettered."""
+        decoded: list[tuple[RawRecord, WebhookRecord]] = []
+        for raw in batch:
+            try:
+                decoded.append((raw, WebhookRecord.from_bytes(raw.value)))
+            except RecordError as exc:
+                await self._poison(raw, None, exc)
+        if not decoded:
+            return BatchStats()
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(initial=0.1, max=self.retry_max_s),
+            before_sleep=self._log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                return await self._write_once(decoded)
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    def _log_retry(self, state: object) -> None:
+        DB_RETRIES.inc()
+        outcome = getattr(state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        log.warning("webhooks.db_retry", error=repr(error))
+
+    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> BatchStats:
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    store = Store(conn, self.company_ids)
+                    for _, record in decoded:
+                        await store.apply(record)
+                PROCESSED.labels("stored").inc(len(decoded))
+                return store.stats
+            except Exception as exc:
+                if not _is_poison(exc):
+                    raise
+            # Some record is poison: redo with a savepoint each, to find and set it aside.
+            poisoned: list[tuple[RawRecord, WebhookRecord, Exception]] = []
+            async with conn.transaction():
+                store = Store(conn, self.company_ids)
+                for raw, record in decoded:
+                    try:
+                        async with conn.transaction():
+                            await store.apply(record)
+                    except Exception as exc:
+                        if not _is_poison(exc):
+                            raise
+                        poisoned.append((raw, record, exc))
+            PROCESSED.labels("stored").inc(len(decoded) - len(poisoned))
+        for raw, record, exc in poisoned:
+            await self._poison(raw, record.tenant, exc)
+        return store.stats
+
+    async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
+        now = int(time.time() * 1000)
+        letter = DeadLetter.of(
+            topic=raw.topic, partition=raw.partition, offset=raw.offset, key=raw.key,
+            value=raw.value, headers=raw.headers, tenant=tenant,
+            error=FailureInfo(type=type(exc).__name__, message=str(exc)[:2000], attempts=1,
+                              first_failure_ms=now, last_failure_ms=now),
+        )
+        log.error(
+            "webhooks.dead_lettered", topic=raw.topic, partition=raw.partition,
+            offset=raw.offset, tenant=tenant, error=type(exc).__name__, detail=str(exc)[:500],
+        )
+        PROCESSED.labels("dead_lettered").inc()
+        await self.dead_letter(letter)
+

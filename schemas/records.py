@@ -1,0 +1,70 @@
+"""Records on the `meta.webhooks` topic: one per routable update of a Meta POST.
+
+Ingest splits a POST into one record per WhatsApp message or status (or per Messenger /
+Instagram event, or per other change), keyed by tenant and conversation so that one
+conversation's events keep their order on one partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import orjson
+
+WEBHOOK_RECORD_VERSION = 1
+
+Kind = Literal["change", "messaging"]
+
+
+class RecordError(ValueError):
+    """A topic record that cannot be decoded into its schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    tenant: str
+    object: str
+    entry_id: str
+    entry_time: int | None
+    kind: Kind
+    field: str
+    payload: dict[str, Any]
+    request_id: str
+    received_at_ms: int
+    seq: int
+    v: int = WEBHOOK_RECORD_VERSION
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> WebhookRecord:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RecordError(f"not JSON: {exc}") from exc
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> WebhookRecord:
+        if not isinstance(doc, dict):
+            raise RecordError("record must be a JSON object")
+        version = doc.get("v")
+        if version != WEBHOOK_RECORD_VERSION:
+            raise RecordError(f"unsupported webhook record version {version!r}")
+        try:
+            return cls(
+                tenant=str(doc["tenant"]),
+                object=str(doc["object"]),
+                entry_id=str(doc["entry_id"]),
+                entry_time=doc.get("entry_time"),
+                kind=doc["kind"],
+                field=str(doc["field"]),
+                payload=dict(doc["payload"]),
+                request_id=str(doc["request_id"]),
+                received_at_ms=int(doc["received_at_ms"]),
+                seq=int(doc["seq"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordError(f"malformed webhook record: {exc!r}") from exc
