@@ -58,7 +58,7 @@ def configure_logging(level: str = "info", *, process: str) -> None:
         _configured = True
     logging.getLogger().setLevel(numeric)
     # Libraries chatter at info; our own events are what an operator reads.
-    for chatty in ("aiokafka", "faust", "mode", "uvicorn.access"):
+    for chatty in ("aiokafka", "faust", "mode", "uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
 
 
