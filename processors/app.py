@@ -61,6 +61,13 @@ def create_app(settings: Settings) -> faust.App:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
+        log.info(
+            "worker.partitions_assigned",
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
+
     @app.task
     async def declare() -> None:
         await declare_topics(

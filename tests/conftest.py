@@ -1,0 +1,103 @@
+"""Real services for the test session: embedded Postgres and Tansu unless URLs are given, and
+the Cortexx processes run as real child processes against them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from infra.db import connect
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres
+from infra.migrate import migrate
+from infra.tenants import Tenant, upsert_tenant
+from infra.topics import declare_topics
+from tests.support import CortexxProcess, ServiceUrls
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
+    data = tmp_path_factory.mktemp("services")
+    owned: list[EmbeddedPostgres | EmbeddedBroker] = []
+    database_url = os.environ.get("CORTEXX_DATABASE_URL")
+    bootstrap = os.environ.get("CORTEXX_KAFKA_BOOTSTRAP")
+    broker: EmbeddedBroker | None = None
+    try:
+        if not database_url:
+            # fsync off: test data need not survive a power cut, and it saves seconds.
+            pg = EmbeddedPostgres(data / "postgres", fsync=False)
+            pg.start()
+            owned.append(pg)
+            database_url = pg.url
+        if not bootstrap:
+            broker = EmbeddedBroker(data / "broker")
+            broker.start()
+            owned.append(broker)
+            bootstrap = broker.bootstrap
+        asyncio.run(migrate(database_url))
+        asyncio.run(declare_topics(bootstrap, partitions=4, replication=1))
+        yield ServiceUrls(database_url=database_url, kafka_bootstrap=bootstrap, broker=broker,
+                          data_dir=data)
+    finally:
+        for service in reversed(owned):
+            service.stop()
+
+
+@pytest.fixture(scope="session")
+def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
+    proc = CortexxProcess.ingest(services, produce_timeout_s=2.0)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(services: ServiceUrls) -> Iterator[CortexxProcess]:
+    proc = CortexxProcess.worker(services)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def db(services: ServiceUrls) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(services.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def tenant(db: asyncpg.Connection) -> Tenant:
+    """A fresh company per test, so tests never see each other's rows."""
+    created, _ = await upsert_tenant(
+        db,
+        slug=f"t-{secrets.token_hex(6)}",
+        app_secret=secrets.token_hex(16),
+        verify_token=secrets.token_hex(8),
+        name="Test Co",
+    )
+    return created
+
+
+@pytest.fixture
+async def agent_user(db: asyncpg.Connection, tenant: Tenant) -> int:
+    """An agent of the tenant, who receives notifications."""
+    user_id = await db.fetchval(
+        "INSERT INTO users (company_id, email, name) VALUES ($1, $2, 'Agent') RETURNING id",
+        tenant.id,
+        f"agent-{secrets.token_hex(4)}@{tenant.slug}.test",
+    )
+    return int(user_id)

@@ -1,0 +1,185 @@
+"""What the tests share: Cortexx processes run for real, signed posts, and waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from infra.embedded import EmbeddedBroker, free_port
+from infra.meta_samples import sign
+from infra.tenants import Tenant
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServiceUrls:
+    database_url: str
+    kafka_bootstrap: str
+    broker: EmbeddedBroker | None
+    data_dir: Path
+
+
+@dataclass
+class CortexxProcess:
+    """A `cortexx` subcommand run as a child process, its JSON log kept in a file."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int | None = None
+    ready_event: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @classmethod
+    def ingest(cls, services: ServiceUrls, *, bootstrap: str | None = None,
+               **settings: Any) -> CortexxProcess:
+        port = free_port()
+        env = _env(services, bootstrap=bootstrap, **settings)
+        return cls("ingest", ["ingest", "--port", str(port)], env,
+                   services.data_dir / f"ingest-{port}.log", port=port)
+
+    @classmethod
+    def worker(cls, services: ServiceUrls, **settings: Any) -> CortexxProcess:
+        env = _env(services, **settings)
+        return cls("worker", ["worker"], env, services.data_dir / "worker.log",
+                   ready_event="worker.partitions_assigned")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+            if self._ready(offset):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def _ready(self, offset: int) -> bool:
+        if self.port is not None:
+            try:
+                return httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200
+            except httpx.TransportError:
+                return False
+        assert self.ready_event is not None
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return f'"{self.ready_event}"'.encode() in log.read()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """kill -9: no chance to commit or clean up."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def _env(services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEXX_")}
+    env.update(
+        CORTEXX_ENV="test",
+        CORTEXX_DATABASE_URL=services.database_url,
+        CORTEXX_KAFKA_BOOTSTRAP=bootstrap or services.kafka_bootstrap,
+        CORTEXX_DATA_DIR=str(services.data_dir),
+        CORTEXX_LOG_LEVEL="info",
+    )
+    env.update({f"CORTEXX_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]], *, timeout_s: float = 20.0, interval_s: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
+
+
+async def post_signed(
+    client: httpx.AsyncClient, base_url: str, tenant: Tenant, envelope: Any, *,
+    request_id: str | None = None, secret: str | None = None,
+) -> httpx.Response:
+    body = envelope if isinstance(envelope, bytes) else orjson.dumps(envelope)
+    headers = {"X-Hub-Signature-256": sign(body, secret or tenant.app_secret),
+               "Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return await client.post(f"{base_url}/webhooks/meta/{tenant.slug}", content=body,
+                             headers=headers)
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:
+    """Every record now on `topic`, read from the start of each partition.
+
+    The end of a partition is judged by the high watermark the fetches return, not by
+    ListOffsets, which the embedded broker answers wrongly for multi-record batches.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.force_metadata_update()  # type: ignore[no-untyped-call]
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for items in batch.values():
+                records.extend(items)
+            marks = [consumer.highwater(tp) for tp in tps]
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(m is not None and pos >= m for pos, m in zip(positions, marks, strict=True)):
+                return records
+        raise AssertionError(f"could not read {topic} to its end within {timeout_s}s")
+    finally:
+        await consumer.stop()

@@ -1,0 +1,225 @@
+"""The ingest contract: every status code, durability, and nothing produced for a refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import orjson
+import pytest
+
+from infra.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
+from infra.tenants import Tenant
+from infra.topics import META_WEBHOOKS
+from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic
+
+pytestmark = pytest.mark.usefixtures("ingest")
+
+
+def _envelope(n_messages: int = 1, *, sender: str = "4915112345678") -> dict:
+    messages = [
+        wa_message("text", wamid=f"wamid.{uuid.uuid4().hex}", from_=sender, timestamp=1750000000 + i)
+        for i in range(n_messages)
+    ]
+    change = wa_change(phone_number_id="1065", display_phone_number="15550001",
+                       messages=messages, contacts=[(sender, "Ann")])
+    return wa_envelope([change], waba_id="1022")
+
+
+@pytest.fixture
+async def client():
+    async with httpx.AsyncClient(timeout=30) as c:
+        yield c
+
+
+async def _request_ids_on_topic(services: ServiceUrls) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in await read_topic(services.kafka_bootstrap, META_WEBHOOKS):
+        request_id = orjson.loads(record.value)["request_id"]
+        counts[request_id] = counts.get(request_id, 0) + 1
+    return counts
+
+
+async def test_verification_handshake(client, ingest: CortexxProcess, tenant: Tenant):
+    url = f"{ingest.url}/webhooks/meta/{tenant.slug}"
+    ok = await client.get(url, params={"hub.mode": "subscribe", "hub.verify_token": tenant.verify_token,
+                                       "hub.challenge": "1158201444"})
+    assert ok.status_code == 200
+    assert ok.text == "1158201444"
+    assert ok.headers["content-type"].startswith("text/plain")
+    wrong = await client.get(url, params={"hub.mode": "subscribe", "hub.verify_token": "nope",
+                                          "hub.challenge": "1"})
+    assert wrong.status_code == 403
+    assert wrong.json()["error"] == "verification_failed"
+    bad_mode = await client.get(url, params={"hub.mode": "unsubscribe",
+                                             "hub.verify_token": tenant.verify_token})
+    assert bad_mode.status_code == 403
+    unknown = await client.get(f"{ingest.url}/webhooks/meta/no-such-co",
+                               params={"hub.mode": "subscribe", "hub.verify_token": "x"})
+    assert unknown.status_code == 404
+
+
+async def test_signed_post_is_on_the_topic_when_answered(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    request_id = uuid.uuid4().hex
+    response = await post_signed(client, ingest.url, tenant, _envelope(3), request_id=request_id)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == request_id
+    # 200 means acknowledged with acks=all: the records are readable right away.
+    assert (await _request_ids_on_topic(services)).get(request_id) == 3
+
+
+async def test_every_update_of_a_large_batch_is_kept(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    """Meta batches up to 1,000 updates: every entry and change, not only the first."""
+    changes = []
+    for i in range(10):
+        env = _envelope(10, sender=f"49151000{i:05d}")
+        changes.extend(env["entry"][0]["changes"])
+    entries = [{"id": f"waba{j}", "changes": changes[j * 10:(j + 1) * 10]} for j in range(10)]
+    envelope = {"object": "whatsapp_business_account", "entry": entries}
+    request_id = uuid.uuid4().hex
+    response = await post_signed(client, ingest.url, tenant, envelope, request_id=request_id)
+    assert response.status_code == 200, response.text
+    assert (await _request_ids_on_topic(services)).get(request_id) == 100
+
+
+async def test_refusals_have_their_status_and_produce_nothing(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    good = orjson.dumps(_envelope())
+    url = f"{ingest.url}/webhooks/meta/{tenant.slug}"
+    cases: list[tuple[str, int, str, bytes, dict[str, str]]] = []
+
+    def case(name: str, status: int, code: str, body: bytes, signature: str | None) -> None:
+        headers = {"X-Request-Id": f"{name}-{uuid.uuid4().hex}"}
+        if signature is not None:
+            headers["X-Hub-Signature-256"] = signature
+        cases.append((name, status, code, body, headers))
+
+    case("tampered", 401, "bad_signature", good.replace(b"Ann", b"Bob"), sign(good, tenant.app_secret))
+    case("missing-signature", 401, "bad_signature", good, None)
+    case("wrong-secret", 401, "bad_signature", good, sign(good, "not-the-secret"))
+    case("malformed-signature", 401, "bad_signature", good, "md5=abc")
+    not_json = b"{'object': whatsapp"
+    case("not-json", 400, "invalid_json", not_json, sign(not_json, tenant.app_secret))
+    for i, doc in enumerate([
+        [], {"entry": []}, {"object": "page"}, {"object": "page", "entry": []},
+        {"object": "page", "entry": [{"id": "1"}]},
+        {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": 3}]}]},
+        {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "x", "value": []}]}]},
+        {"object": "page", "entry": [{"id": "1", "messaging": ["x"]}]},
+        "just a string",
+    ]):
+        body = orjson.dumps(doc)
+        case(f"envelope{i}", 422, "invalid_envelope", body, sign(body, tenant.app_secret))
+
+    for name, status, code, body, headers in cases:
+        response = await client.post(url, content=body, headers=headers)
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["error"] == code, name
+        assert response.json()["detail"]
+
+    # The oversize body, declared and streamed without a length.
+    big = b'{"object":"page","entry":[' + b" " * (4 * 1024 * 1024) + b"]}"
+    declared = await client.post(url, content=big, headers={"X-Hub-Signature-256": sign(big, tenant.app_secret)})
+    assert declared.status_code == 413
+    assert declared.json()["error"] == "body_too_large"
+
+    async def chunks():
+        for _ in range(5):
+            yield b" " * (1024 * 1024)
+
+    streamed = await client.post(url, content=chunks(), headers={"X-Hub-Signature-256": "sha256=00"})
+    assert streamed.status_code == 413
+
+    unknown = await post_signed(client, ingest.url, Tenant(0, "no-such-co", "", "x", "x"), _envelope())
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == "unknown_tenant"
+    invalid_slug = await client.post(f"{ingest.url}/webhooks/meta/NOT_A_SLUG", content=good)
+    assert invalid_slug.status_code == 404
+
+    # An accepted request afterwards proves the topic was read up to date; none of the refused are on it.
+    marker = uuid.uuid4().hex
+    assert (await post_signed(client, ingest.url, tenant, _envelope(), request_id=marker)).status_code == 200
+    on_topic = await _request_ids_on_topic(services)
+    assert marker in on_topic
+    refused = {headers["X-Request-Id"] for _, _, _, _, headers in cases}
+    assert not refused & set(on_topic)
+
+
+async def test_body_limit_admits_the_largest_batch(client, ingest: CortexxProcess, tenant: Tenant):
+    """1,000 updates of realistic size fit under the default 4 MiB limit."""
+    envelope = wa_envelope(
+        [wa_other_change("message_template_status_update",
+                         {"event": "APPROVED", "message_template_id": i, "message_template_name": "x" * 200,
+                          "message_template_language": "en_US", "reason": None})
+         for i in range(1000)],
+        waba_id="1022",
+    )
+    body = orjson.dumps(envelope)
+    assert 200_000 < len(body) < 4 * 1024 * 1024
+    response = await post_signed(client, ingest.url, tenant, body)
+    assert response.status_code == 200, response.text
+
+
+async def test_broker_unreachable_answers_503_never_200(client, services: ServiceUrls, tenant: Tenant):
+    # An ingest whose broker address answers nothing: Meta must be told to retry.
+    from infra.embedded import free_port
+
+    dead = CortexxProcess.ingest(services, bootstrap=f"127.0.0.1:{free_port()}", produce_timeout_s=1.0)
+    dead.start()
+    try:
+        response = await post_signed(client, dead.url, tenant, _envelope())
+        assert response.status_code == 503
+        assert response.json()["error"] == "broker_unavailable"
+    finally:
+        dead.stop()
+
+
+async def test_paused_broker_answers_503_then_recovers(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    if services.broker is None:
+        pytest.skip("the broker is given by URL; only an embedded broker can be paused here")
+    assert (await post_signed(client, ingest.url, tenant, _envelope())).status_code == 200
+    services.broker.pause()
+    try:
+        request_id = uuid.uuid4().hex
+        response = await post_signed(client, ingest.url, tenant, _envelope(), request_id=request_id)
+        assert response.status_code == 503
+    finally:
+        services.broker.resume()
+    for _ in range(50):
+        response = await post_signed(client, ingest.url, tenant, _envelope())
+        if response.status_code == 200:
+            break
+        await asyncio.sleep(0.2)
+    assert response.status_code == 200
+
+
+async def test_tenant_lookups_are_cached_and_counted(client, ingest: CortexxProcess, tenant: Tenant):
+    def counts(text: str) -> dict[str, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("cortexx_ingest_tenant_cache_total{"):
+                result = line.split('result="')[1].split('"')[0]
+                out[result] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = counts((await client.get(f"{ingest.url}/metrics")).text)
+    for _ in range(5):
+        assert (await post_signed(client, ingest.url, tenant, _envelope())).status_code == 200
+    after = counts((await client.get(f"{ingest.url}/metrics")).text)
+    assert after["miss"] - before.get("miss", 0) == 1
+    assert after["hit"] - before.get("hit", 0) == 4
+
+
+async def test_health(client, ingest: CortexxProcess):
+    response = await client.get(f"{ingest.url}/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert (await client.get(f"{ingest.url}/nope")).json()["error"] == "not_found"
