@@ -141,8 +141,15 @@ def simulate(
     settings = _settings("simulate")
     base = url or f"http://127.0.0.1:{settings.ingest_port}"
     ok = run_simulation(
-        settings, base_url=base, tenant=tenant, contacts=contacts, messages=messages,
-        concurrency=concurrency, seed=seed, verify=verify, timeout_s=timeout,
+        settings,
+        base_url=base,
+        tenant=tenant,
+        contacts=contacts,
+        messages=messages,
+        concurrency=concurrency,
+        seed=seed,
+        verify=verify,
+        timeout_s=timeout,
     )
     raise typer.Exit(0 if ok else 1)
 

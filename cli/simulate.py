@@ -37,8 +37,11 @@ async def _demo_tenant(url: str, slug: str) -> Tenant:
         tenant = await get_tenant(conn, slug)
         if tenant is None:
             tenant, _ = await upsert_tenant(
-                conn, slug=slug, name=f"{slug.title()} (simulated)",
-                app_secret=secrets.token_hex(16), verify_token=secrets.token_hex(8),
+                conn,
+                slug=slug,
+                name=f"{slug.title()} (simulated)",
+                app_secret=secrets.token_hex(16),
+                verify_token=secrets.token_hex(8),
             )
             console.print(f"registered demo company [bold]{slug}[/]")
         return tenant
@@ -46,17 +49,18 @@ async def _demo_tenant(url: str, slug: str) -> Tenant:
         await conn.close()
 
 
-async def _post_all(
-    plan: SimulationPlan, base_url: str, tenant: Tenant, concurrency: int
-) -> Counter[int]:
+async def _post_all(plan: SimulationPlan, base_url: str, tenant: Tenant, concurrency: int) -> Counter[int]:
     codes: Counter[int] = Counter()
     url = f"{base_url.rstrip('/')}/webhooks/meta/{tenant.slug}"
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for envelope in plan.webhooks:
         queue.put_nowait(orjson.dumps(envelope))
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task("posting webhooks", total=len(plan.webhooks))
         async with httpx.AsyncClient(timeout=30) as client:
@@ -68,9 +72,12 @@ async def _post_all(
                     for attempt in range(10):
                         try:
                             response = await client.post(
-                                url, content=body,
-                                headers={"X-Hub-Signature-256": sign(body, tenant.app_secret),
-                                         "Content-Type": "application/json"},
+                                url,
+                                content=body,
+                                headers={
+                                    "X-Hub-Signature-256": sign(body, tenant.app_secret),
+                                    "Content-Type": "application/json",
+                                },
                             )
                             status = response.status_code
                         except httpx.TransportError:
@@ -95,13 +102,11 @@ async def _verify(url: str, tenant: Tenant, plan: SimulationPlan, timeout_s: flo
             found = {r["external_id"]: r for r in rows}
             missing = [k for k in keys if k not in found]
             wrong = [
-                k for k, exp in plan.expected.items()
-                if k in found and found[k]["status"] != exp.final_status
+                k for k, exp in plan.expected.items() if k in found and found[k]["status"] != exp.final_status
             ]
             doubled = [k for k, r in found.items() if r["copies"] > 1]
             if (not missing and not wrong) or time.monotonic() > deadline:
-                return {"missing": missing, "wrong_status": wrong, "doubled": doubled,
-                        "stored": len(found)}
+                return {"missing": missing, "wrong_status": wrong, "doubled": doubled, "stored": len(found)}
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
@@ -122,9 +127,14 @@ def run_simulation(
     database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
     demo = asyncio.run(_demo_tenant(database_url, tenant))
     plan = build_plan(
-        seed=seed, contacts=contacts, messages_per_contact=messages,
-        phone_number_id="106540352242922", display_phone_number="15550783881",
-        waba_id="102290129340398", page_id="112233445566778", start_ts=int(time.time()) - 3600,
+        seed=seed,
+        contacts=contacts,
+        messages_per_contact=messages,
+        phone_number_id="106540352242922",
+        display_phone_number="15550783881",
+        waba_id="102290129340398",
+        page_id="112233445566778",
+        start_ts=int(time.time()) - 3600,
     )
     started = time.monotonic()
     codes = asyncio.run(_post_all(plan, base_url, demo, concurrency))

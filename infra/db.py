@@ -20,9 +20,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kw: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, **kw
-    )
+    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection, **kw)
     assert pool is not None
     return pool
 

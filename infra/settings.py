@@ -70,9 +70,7 @@ class Settings(BaseSettings):
                 if not value
             ]
             if missing:
-                raise ValueError(
-                    "production needs explicit service URLs; missing: " + ", ".join(missing)
-                )
+                raise ValueError("production needs explicit service URLs; missing: " + ", ".join(missing))
         return self
 
     @property

@@ -3,6 +3,8 @@ the embedded broker keeps topics in memory and may come back empty."""
 
 from __future__ import annotations
 
+import contextlib
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -34,10 +36,9 @@ async def declare_topics(
         if not missing:
             return
         new = [NewTopic(t, num_partitions=partitions, replication_factor=replication) for t in missing]
-        try:
+        # Another process may declare them between our list and our create.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass  # another process declared them between our list and create
         log.info("topics.declared", topics=missing, partitions=partitions)
     finally:
         await admin.close()

@@ -225,9 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
             doc, tenant=slug, request_id=request_id, received_at_ms=int(time.time() * 1000)
         )
         try:
-            await service.producer.send_all(
-                META_WEBHOOKS, records, timeout_s=settings.produce_timeout_s
-            )
+            await service.producer.send_all(META_WEBHOOKS, records, timeout_s=settings.produce_timeout_s)
         except BrokerUnavailable as exc:
             log.warning("webhook.broker_unavailable", error=str(exc))
             raise IngestError(503, "broker_unavailable", "could not store the webhook; retry") from None

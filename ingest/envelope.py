@@ -29,7 +29,8 @@ def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
         yield "", value
         return
     rest = {k: v for k, v in value.items() if k not in _SPLIT_KEYS}
-    contacts = value.get("contacts") if isinstance(value.get("contacts"), list) else []
+    raw_contacts = value.get("contacts")
+    contacts: list[Any] = raw_contacts if isinstance(raw_contacts, list) else []
     by_wa_id = {c.get("wa_id"): c for c in contacts if isinstance(c, dict)}
     for message in messages:
         sender = str(message.get("from", "")) if isinstance(message, dict) else ""
@@ -72,26 +73,38 @@ def split_envelope(
             value = change["value"]
             if obj == WHATSAPP_OBJECT and field == "messages":
                 metadata = value.get("metadata")
-                phone_id = (
-                    str(metadata.get("phone_number_id", "")) if isinstance(metadata, dict) else ""
-                )
+                phone_id = str(metadata.get("phone_number_id", "")) if isinstance(metadata, dict) else ""
                 parts = [(f"{phone_id}:{contact}", part) for contact, part in _whatsapp_parts(value)]
             else:
                 parts = [(f"{entry_id}:{field}", value)]
             for conversation, payload in parts:
                 record = WebhookRecord(
-                    tenant=tenant, object=obj, entry_id=entry_id, entry_time=entry_time,
-                    kind="change", field=field, payload=payload, request_id=request_id,
-                    received_at_ms=received_at_ms, seq=seq,
+                    tenant=tenant,
+                    object=obj,
+                    entry_id=entry_id,
+                    entry_time=entry_time,
+                    kind="change",
+                    field=field,
+                    payload=payload,
+                    request_id=request_id,
+                    received_at_ms=received_at_ms,
+                    seq=seq,
                 )
                 out.append((f"{tenant}:{conversation}".encode(), record.to_bytes()))
                 seq += 1
         for event in entry.get("messaging") or ():
             party = _messaging_party(event, entry_id)
             record = WebhookRecord(
-                tenant=tenant, object=obj, entry_id=entry_id, entry_time=entry_time,
-                kind="messaging", field="messaging", payload=event, request_id=request_id,
-                received_at_ms=received_at_ms, seq=seq,
+                tenant=tenant,
+                object=obj,
+                entry_id=entry_id,
+                entry_time=entry_time,
+                kind="messaging",
+                field="messaging",
+                payload=event,
+                request_id=request_id,
+                received_at_ms=received_at_ms,
+                seq=seq,
             )
             out.append((f"{tenant}:{entry_id}:{party}".encode(), record.to_bytes()))
             seq += 1

@@ -10,9 +10,7 @@ from prometheus_client import Counter
 
 from infra.tenants import Tenant
 
-TENANT_CACHE = Counter(
-    "cortexx_ingest_tenant_cache_total", "Tenant lookups by cache result", ["result"]
-)
+TENANT_CACHE = Counter("cortexx_ingest_tenant_cache_total", "Tenant lookups by cache result", ["result"])
 _HIT = TENANT_CACHE.labels("hit")
 _MISS = TENANT_CACHE.labels("miss")
 

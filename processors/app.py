@@ -52,23 +52,21 @@ def create_app(settings: Settings) -> faust.App:
         delay = 0.2
         while True:
             try:
-                await dlq.send_all(
-                    META_WEBHOOKS_DLQ, [(letter.key, letter.to_bytes())], timeout_s=10
-                )
+                await dlq.send_all(META_WEBHOOKS_DLQ, [(letter.key, letter.to_bytes())], timeout_s=10)
                 return
             except BrokerUnavailable as exc:
                 log.warning("webhooks.dlq_retry", error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
         log.info(
             "worker.partitions_assigned",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def declare() -> None:
         await declare_topics(
             settings.kafka_bootstrap or "",
@@ -79,12 +77,11 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(webhooks_topic, name="webhooks")
     async def webhooks(stream: faust.StreamT[Any]) -> None:
         assert settings.database_url
-        pool = await create_pool(
-            settings.database_url, min_size=1, max_size=settings.db_pool_max
-        )
+        pool = await create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_max)
         writer = WebhookWriter(pool, dead_letter, retry_max_s=settings.db_retry_max_s)
         try:
-            async for events in stream.noack_take(
+            # noack_take is faust-streaming's; its StreamT protocol does not declare it.
+            async for events in stream.noack_take(  # type: ignore[attr-defined]
                 settings.worker_batch_max, within=settings.worker_batch_within_s
             ):
                 batch = [_raw(event) for event in events]
@@ -115,9 +112,16 @@ def _raw(event: EventT[Any]) -> RawRecord:
         partition=message.partition,
         offset=message.offset,
         key=message.key,
-        value=message.value,
-        headers=[(k, v) for k, v in (message.headers or [])],
+        value=message.value or b"",
+        headers=[(str(k), bytes(v)) for k, v in _headers(message.headers)],
     )
+
+
+def _headers(headers: Any) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
 
 
 def run_worker(settings: Settings) -> int:

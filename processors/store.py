@@ -142,8 +142,8 @@ def _ts(value: Any) -> datetime:
 def _clip(text: Any) -> str | None:
     if text is None:
         return None
-    text = str(text)
-    return text if len(text) <= PREVIEW_MAX else text[: PREVIEW_MAX - 1] + "\u2026"
+    out = str(text)
+    return out if len(out) <= PREVIEW_MAX else out[: PREVIEW_MAX - 1] + "\u2026"
 
 
 def whatsapp_body(message: dict[str, Any]) -> str:
@@ -208,9 +208,7 @@ class Store:
         else:
             await self._keep_event(company_id, record)
 
-    async def _conversation(
-        self, company_id: int, contact: str, channel: str, name: str | None
-    ) -> int:
+    async def _conversation(self, company_id: int, contact: str, channel: str, name: str | None) -> int:
         if not contact:
             raise PoisonRecord("update names no contact")
         contact_id = await self.conn.fetchval(UPSERT_CONTACT, company_id, contact, channel, name)
@@ -232,14 +230,16 @@ class Store:
             if not isinstance(message, dict) or not message.get("id"):
                 raise PoisonRecord("WhatsApp message without an id")
             sender = str(message.get("from", ""))
-            conversation_id = await self._conversation(
-                company_id, sender, "whatsapp", names.get(sender)
-            )
+            conversation_id = await self._conversation(company_id, sender, "whatsapp", names.get(sender))
             await self._message(
-                company_id, conversation_id,
-                external_id=str(message["id"]), direction="inbound",
-                kind=str(message.get("type", "unknown")), body=whatsapp_body(message),
-                content=message, at=_ts(message.get("timestamp")),
+                company_id,
+                conversation_id,
+                external_id=str(message["id"]),
+                direction="inbound",
+                kind=str(message.get("type", "unknown")),
+                body=whatsapp_body(message),
+                content=message,
+                at=_ts(message.get("timestamp")),
                 contact_name=names.get(sender) or sender,
             )
         for status in statuses:
@@ -254,8 +254,14 @@ class Store:
             conversation_id = await self._conversation(company_id, recipient, "whatsapp", None)
             errors = status.get("errors")
             await self.conn.fetchval(
-                UPSERT_STATUS, company_id, conversation_id, str(status["id"]), state,
-                STATUS_RANK[state], _ts(status.get("timestamp")), errors or None,
+                UPSERT_STATUS,
+                company_id,
+                conversation_id,
+                str(status["id"]),
+                state,
+                STATUS_RANK[state],
+                _ts(status.get("timestamp")),
+                errors or None,
             )
             self.stats.statuses += 1
 
@@ -274,8 +280,17 @@ class Store:
     ) -> None:
         status = "received" if direction == "inbound" else "sent"
         message_id = await self.conn.fetchval(
-            INSERT_MESSAGE, company_id, conversation_id, external_id, direction, kind, body,
-            content, status, STATUS_RANK[status], at,
+            INSERT_MESSAGE,
+            company_id,
+            conversation_id,
+            external_id,
+            direction,
+            kind,
+            body,
+            content,
+            status,
+            STATUS_RANK[status],
+            at,
         )
         if message_id is None:
             self.stats.duplicates += 1
@@ -288,8 +303,12 @@ class Store:
         )
         if inbound:
             result = await self.conn.execute(
-                NOTIFY_USERS, company_id, conversation_id, message_id,
-                f"New message from {contact_name}", preview or "",
+                NOTIFY_USERS,
+                company_id,
+                conversation_id,
+                message_id,
+                f"New message from {contact_name}",
+                preview or "",
             )
             self.stats.notifications += int(result.rsplit(" ", 1)[-1])
 
@@ -311,26 +330,31 @@ class Store:
                 kind = str(attachments[0].get("type", "attachment"))
                 body = f"[{kind}]"
             await self._message(
-                company_id, conversation_id,
-                external_id=str(message["mid"]), direction="outbound" if echo else "inbound",
-                kind=kind, body=str(body or ""), content=event,
-                at=_ts(event.get("timestamp")), contact_name=user,
+                company_id,
+                conversation_id,
+                external_id=str(message["mid"]),
+                direction="outbound" if echo else "inbound",
+                kind=kind,
+                body=str(body or ""),
+                content=event,
+                at=_ts(event.get("timestamp")),
+                contact_name=user,
             )
             return
         delivery = event.get("delivery")
         if isinstance(delivery, dict):
             mids = [str(m) for m in delivery.get("mids") or ()]
             if mids:
-                await self.conn.execute(
-                    MARK_DELIVERED_BY_IDS, company_id, mids, _ts(event.get("timestamp"))
-                )
+                await self.conn.execute(MARK_DELIVERED_BY_IDS, company_id, mids, _ts(event.get("timestamp")))
                 self.stats.statuses += 1
                 return
         read = event.get("read")
         if isinstance(read, dict) and read.get("watermark"):
             conversation_id = await self._conversation(company_id, sender, channel, None)
             await self.conn.execute(
-                MARK_READ_UP_TO, conversation_id, _ts(read["watermark"]),
+                MARK_READ_UP_TO,
+                conversation_id,
+                _ts(read["watermark"]),
                 _ts(event.get("timestamp")),
             )
             self.stats.statuses += 1
@@ -340,9 +364,7 @@ class Store:
     async def _keep_event(self, company_id: int, record: WebhookRecord) -> None:
         await self._keep(company_id, record.object, record.field, record.payload, record.entry_id)
 
-    async def _keep(
-        self, company_id: int, obj: str, field: str, payload: Any, entry_id: str = ""
-    ) -> None:
+    async def _keep(self, company_id: int, obj: str, field: str, payload: Any, entry_id: str = "") -> None:
         # The same payload redelivered hashes the same, so it is kept once.
         digest = hashlib.sha256(
             orjson.dumps([obj, entry_id, field, payload], option=orjson.OPT_SORT_KEYS)

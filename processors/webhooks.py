@@ -119,27 +119,41 @@ class WebhookWriter:
                     try:
                         async with conn.transaction():
                             await store.apply(record)
-                    except Exception as exc:
-                        if not _is_poison(exc):
+                    except Exception as record_exc:
+                        if not _is_poison(record_exc):
                             raise
-                        poisoned.append((raw, record, exc))
+                        poisoned.append((raw, record, record_exc))
             PROCESSED.labels("stored").inc(len(decoded) - len(poisoned))
-        for raw, record, exc in poisoned:
-            await self._poison(raw, record.tenant, exc)
+        for raw, record, error in poisoned:
+            await self._poison(raw, record.tenant, error)
         return store.stats
 
     async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
         now = int(time.time() * 1000)
         letter = DeadLetter.of(
-            topic=raw.topic, partition=raw.partition, offset=raw.offset, key=raw.key,
-            value=raw.value, headers=raw.headers, tenant=tenant,
-            error=FailureInfo(type=type(exc).__name__, message=str(exc)[:2000], attempts=1,
-                              first_failure_ms=now, last_failure_ms=now),
+            topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            key=raw.key,
+            value=raw.value,
+            headers=raw.headers,
+            tenant=tenant,
+            error=FailureInfo(
+                type=type(exc).__name__,
+                message=str(exc)[:2000],
+                attempts=1,
+                first_failure_ms=now,
+                last_failure_ms=now,
+            ),
         )
         log.error(
-            "webhooks.dead_lettered", topic=raw.topic, partition=raw.partition,
-            offset=raw.offset, tenant=tenant, error=type(exc).__name__, detail=str(exc)[:500],
+            "webhooks.dead_lettered",
+            topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            tenant=tenant,
+            error=type(exc).__name__,
+            detail=str(exc)[:500],
         )
         PROCESSED.labels("dead_lettered").inc()
         await self.dead_letter(letter)
-

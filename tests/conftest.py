@@ -43,8 +43,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
             bootstrap = broker.bootstrap
         asyncio.run(migrate(database_url))
         asyncio.run(declare_topics(bootstrap, partitions=4, replication=1))
-        yield ServiceUrls(database_url=database_url, kafka_bootstrap=bootstrap, broker=broker,
-                          data_dir=data)
+        yield ServiceUrls(database_url=database_url, kafka_bootstrap=bootstrap, broker=broker, data_dir=data)
     finally:
         for service in reversed(owned):
             service.stop()

@@ -45,18 +45,29 @@ class CortexxProcess:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def ingest(cls, services: ServiceUrls, *, bootstrap: str | None = None,
-               **settings: Any) -> CortexxProcess:
+    def ingest(
+        cls, services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any
+    ) -> CortexxProcess:
         port = free_port()
         env = _env(services, bootstrap=bootstrap, **settings)
-        return cls("ingest", ["ingest", "--port", str(port)], env,
-                   services.data_dir / f"ingest-{port}.log", port=port)
+        return cls(
+            "ingest",
+            ["ingest", "--port", str(port)],
+            env,
+            services.data_dir / f"ingest-{port}.log",
+            port=port,
+        )
 
     @classmethod
     def worker(cls, services: ServiceUrls, **settings: Any) -> CortexxProcess:
         env = _env(services, **settings)
-        return cls("worker", ["worker"], env, services.data_dir / "worker.log",
-                   ready_event="worker.partitions_assigned")
+        return cls(
+            "worker",
+            ["worker"],
+            env,
+            services.data_dir / "worker.log",
+            ready_event="worker.partitions_assigned",
+        )
 
     @property
     def url(self) -> str:
@@ -67,7 +78,10 @@ class CortexxProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -127,7 +141,10 @@ def _env(services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any
 
 
 async def wait_until(
-    probe: Callable[[], Awaitable[T]], *, timeout_s: float = 20.0, interval_s: float = 0.1,
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float = 20.0,
+    interval_s: float = 0.1,
     what: str = "condition",
 ) -> T:
     """Poll `probe` until it returns something truthy; fail with `what` after the deadline."""
@@ -142,16 +159,22 @@ async def wait_until(
 
 
 async def post_signed(
-    client: httpx.AsyncClient, base_url: str, tenant: Tenant, envelope: Any, *,
-    request_id: str | None = None, secret: str | None = None,
+    client: httpx.AsyncClient,
+    base_url: str,
+    tenant: Tenant,
+    envelope: Any,
+    *,
+    request_id: str | None = None,
+    secret: str | None = None,
 ) -> httpx.Response:
     body = envelope if isinstance(envelope, bytes) else orjson.dumps(envelope)
-    headers = {"X-Hub-Signature-256": sign(body, secret or tenant.app_secret),
-               "Content-Type": "application/json"}
+    headers = {
+        "X-Hub-Signature-256": sign(body, secret or tenant.app_secret),
+        "Content-Type": "application/json",
+    }
     if request_id:
         headers["X-Request-Id"] = request_id
-    return await client.post(f"{base_url}/webhooks/meta/{tenant.slug}", content=body,
-                             headers=headers)
+    return await client.post(f"{base_url}/webhooks/meta/{tenant.slug}", content=body, headers=headers)
 
 
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:

@@ -22,8 +22,9 @@ def _envelope(n_messages: int = 1, *, sender: str = "4915112345678") -> dict:
         wa_message("text", wamid=f"wamid.{uuid.uuid4().hex}", from_=sender, timestamp=1750000000 + i)
         for i in range(n_messages)
     ]
-    change = wa_change(phone_number_id="1065", display_phone_number="15550001",
-                       messages=messages, contacts=[(sender, "Ann")])
+    change = wa_change(
+        phone_number_id="1065", display_phone_number="15550001", messages=messages, contacts=[(sender, "Ann")]
+    )
     return wa_envelope([change], waba_id="1022")
 
 
@@ -43,20 +44,29 @@ async def _request_ids_on_topic(services: ServiceUrls) -> dict[str, int]:
 
 async def test_verification_handshake(client, ingest: CortexxProcess, tenant: Tenant):
     url = f"{ingest.url}/webhooks/meta/{tenant.slug}"
-    ok = await client.get(url, params={"hub.mode": "subscribe", "hub.verify_token": tenant.verify_token,
-                                       "hub.challenge": "1158201444"})
+    ok = await client.get(
+        url,
+        params={
+            "hub.mode": "subscribe",
+            "hub.verify_token": tenant.verify_token,
+            "hub.challenge": "1158201444",
+        },
+    )
     assert ok.status_code == 200
     assert ok.text == "1158201444"
     assert ok.headers["content-type"].startswith("text/plain")
-    wrong = await client.get(url, params={"hub.mode": "subscribe", "hub.verify_token": "nope",
-                                          "hub.challenge": "1"})
+    wrong = await client.get(
+        url, params={"hub.mode": "subscribe", "hub.verify_token": "nope", "hub.challenge": "1"}
+    )
     assert wrong.status_code == 403
     assert wrong.json()["error"] == "verification_failed"
-    bad_mode = await client.get(url, params={"hub.mode": "unsubscribe",
-                                             "hub.verify_token": tenant.verify_token})
+    bad_mode = await client.get(
+        url, params={"hub.mode": "unsubscribe", "hub.verify_token": tenant.verify_token}
+    )
     assert bad_mode.status_code == 403
-    unknown = await client.get(f"{ingest.url}/webhooks/meta/no-such-co",
-                               params={"hub.mode": "subscribe", "hub.verify_token": "x"})
+    unknown = await client.get(
+        f"{ingest.url}/webhooks/meta/no-such-co", params={"hub.mode": "subscribe", "hub.verify_token": "x"}
+    )
     assert unknown.status_code == 404
 
 
@@ -79,7 +89,7 @@ async def test_every_update_of_a_large_batch_is_kept(
     for i in range(10):
         env = _envelope(10, sender=f"49151000{i:05d}")
         changes.extend(env["entry"][0]["changes"])
-    entries = [{"id": f"waba{j}", "changes": changes[j * 10:(j + 1) * 10]} for j in range(10)]
+    entries = [{"id": f"waba{j}", "changes": changes[j * 10 : (j + 1) * 10]} for j in range(10)]
     envelope = {"object": "whatsapp_business_account", "entry": entries}
     request_id = uuid.uuid4().hex
     response = await post_signed(client, ingest.url, tenant, envelope, request_id=request_id)
@@ -106,14 +116,22 @@ async def test_refusals_have_their_status_and_produce_nothing(
     case("malformed-signature", 401, "bad_signature", good, "md5=abc")
     not_json = b"{'object': whatsapp"
     case("not-json", 400, "invalid_json", not_json, sign(not_json, tenant.app_secret))
-    for i, doc in enumerate([
-        [], {"entry": []}, {"object": "page"}, {"object": "page", "entry": []},
-        {"object": "page", "entry": [{"id": "1"}]},
-        {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": 3}]}]},
-        {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "x", "value": []}]}]},
-        {"object": "page", "entry": [{"id": "1", "messaging": ["x"]}]},
-        "just a string",
-    ]):
+    for i, doc in enumerate(
+        [
+            [],
+            {"entry": []},
+            {"object": "page"},
+            {"object": "page", "entry": []},
+            {"object": "page", "entry": [{"id": "1"}]},
+            {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": 3}]}]},
+            {
+                "object": "whatsapp_business_account",
+                "entry": [{"id": "1", "changes": [{"field": "x", "value": []}]}],
+            },
+            {"object": "page", "entry": [{"id": "1", "messaging": ["x"]}]},
+            "just a string",
+        ]
+    ):
         body = orjson.dumps(doc)
         case(f"envelope{i}", 422, "invalid_envelope", body, sign(body, tenant.app_secret))
 
@@ -125,7 +143,9 @@ async def test_refusals_have_their_status_and_produce_nothing(
 
     # The oversize body, declared and streamed without a length.
     big = b'{"object":"page","entry":[' + b" " * (4 * 1024 * 1024) + b"]}"
-    declared = await client.post(url, content=big, headers={"X-Hub-Signature-256": sign(big, tenant.app_secret)})
+    declared = await client.post(
+        url, content=big, headers={"X-Hub-Signature-256": sign(big, tenant.app_secret)}
+    )
     assert declared.status_code == 413
     assert declared.json()["error"] == "body_too_large"
 
@@ -154,10 +174,19 @@ async def test_refusals_have_their_status_and_produce_nothing(
 async def test_body_limit_admits_the_largest_batch(client, ingest: CortexxProcess, tenant: Tenant):
     """1,000 updates of realistic size fit under the default 4 MiB limit."""
     envelope = wa_envelope(
-        [wa_other_change("message_template_status_update",
-                         {"event": "APPROVED", "message_template_id": i, "message_template_name": "x" * 200,
-                          "message_template_language": "en_US", "reason": None})
-         for i in range(1000)],
+        [
+            wa_other_change(
+                "message_template_status_update",
+                {
+                    "event": "APPROVED",
+                    "message_template_id": i,
+                    "message_template_name": "x" * 200,
+                    "message_template_language": "en_US",
+                    "reason": None,
+                },
+            )
+            for i in range(1000)
+        ],
         waba_id="1022",
     )
     body = orjson.dumps(envelope)

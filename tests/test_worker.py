@@ -36,8 +36,13 @@ def _wamid() -> str:
 
 
 def _wa(messages=(), statuses=(), contacts=()) -> dict:
-    change = wa_change(phone_number_id=PHONE_ID, display_phone_number="15550783881",
-                       messages=list(messages), statuses=list(statuses), contacts=list(contacts))
+    change = wa_change(
+        phone_number_id=PHONE_ID,
+        display_phone_number="15550783881",
+        messages=list(messages),
+        statuses=list(statuses),
+        contacts=list(contacts),
+    )
     return wa_envelope([change], waba_id="102290129340398")
 
 
@@ -55,21 +60,24 @@ async def _post(client, ingest: CortexxProcess, tenant: Tenant, envelope) -> Non
 async def _messages(db: asyncpg.Connection, tenant: Tenant) -> list[asyncpg.Record]:
     return await db.fetch(
         "SELECT external_id, direction, type, body, status, error, conversation_id "
-        "FROM messages WHERE company_id = $1 ORDER BY id", tenant.id)
+        "FROM messages WHERE company_id = $1 ORDER BY id",
+        tenant.id,
+    )
 
 
-async def test_every_whatsapp_message_type_lands_as_rows(
-    client, ingest, db, tenant: Tenant, agent_user: int
-):
+async def test_every_whatsapp_message_type_lands_as_rows(client, ingest, db, tenant: Tenant, agent_user: int):
     sender = "4917612345678"
     rng = random.Random(3)
     sent = {t: _wamid() for t in MESSAGE_TYPES}
-    messages = [wa_message(t, wamid=w, from_=sender, timestamp=1750000000 + i, rng=rng)
-                for i, (t, w) in enumerate(sent.items())]
+    messages = [
+        wa_message(t, wamid=w, from_=sender, timestamp=1750000000 + i, rng=rng)
+        for i, (t, w) in enumerate(sent.items())
+    ]
     await _post(client, ingest, tenant, _wa(messages, contacts=[(sender, "Lena Vogel")]))
 
     rows = await wait_until(
-        lambda: _complete(db, tenant, len(MESSAGE_TYPES)), what="every message type stored")
+        lambda: _complete(db, tenant, len(MESSAGE_TYPES)), what="every message type stored"
+    )
     by_id = {r["external_id"]: r for r in rows}
     for msg_type, wamid in sent.items():
         row = by_id[wamid]
@@ -83,10 +91,12 @@ async def test_every_whatsapp_message_type_lands_as_rows(
     assert (contact["phone_number"], contact["name"]) == (sender, "Lena Vogel")
     conversation = await db.fetchrow(
         "SELECT unread_count, last_message_preview, last_message_at FROM conversations WHERE company_id = $1",
-        tenant.id)
+        tenant.id,
+    )
     assert conversation["unread_count"] == len(MESSAGE_TYPES)
-    newest = await db.fetchval("SELECT body FROM messages WHERE company_id = $1 ORDER BY sent_at DESC LIMIT 1",
-                               tenant.id)
+    newest = await db.fetchval(
+        "SELECT body FROM messages WHERE company_id = $1 ORDER BY sent_at DESC LIMIT 1", tenant.id
+    )
     assert conversation["last_message_preview"] == newest
     notes = await db.fetchval("SELECT count(*) FROM notifications WHERE user_id = $1", agent_user)
     assert notes == len(MESSAGE_TYPES)
@@ -100,20 +110,37 @@ async def _complete(db, tenant: Tenant, n: int):
 async def test_messenger_and_instagram_messages_land_as_rows(client, ingest, db, tenant: Tenant):
     page = "112233445566778"
     events = [
-        messenger_message(mid=f"m_{uuid.uuid4().hex}", sender_id="2471", recipient_id=page,
-                          timestamp_ms=1750000000000, text="Hello page"),
-        messenger_message(mid=f"m_{uuid.uuid4().hex}", sender_id="2471", recipient_id=page,
-                          timestamp_ms=1750000001000, attachment_type="image"),
+        messenger_message(
+            mid=f"m_{uuid.uuid4().hex}",
+            sender_id="2471",
+            recipient_id=page,
+            timestamp_ms=1750000000000,
+            text="Hello page",
+        ),
+        messenger_message(
+            mid=f"m_{uuid.uuid4().hex}",
+            sender_id="2471",
+            recipient_id=page,
+            timestamp_ms=1750000001000,
+            attachment_type="image",
+        ),
     ]
     await _post(client, ingest, tenant, messenger_envelope(events, page_id=page))
-    ig = messenger_message(mid=f"ig_{uuid.uuid4().hex}", sender_id="9001", recipient_id="1784",
-                           timestamp_ms=1750000002000, text="Hi from IG")
+    ig = messenger_message(
+        mid=f"ig_{uuid.uuid4().hex}",
+        sender_id="9001",
+        recipient_id="1784",
+        timestamp_ms=1750000002000,
+        text="Hi from IG",
+    )
     await _post(client, ingest, tenant, messenger_envelope([ig], page_id="1784", object_="instagram"))
     rows = await wait_until(lambda: _complete(db, tenant, 3), what="messenger and instagram rows")
     assert sorted(r["body"] for r in rows if r["type"] == "text") == ["Hello page", "Hi from IG"]
     assert any(r["type"] == "image" for r in rows)
-    channels = {r["channel"] for r in await db.fetch("SELECT channel FROM conversations WHERE company_id = $1",
-                                                      tenant.id)}
+    channels = {
+        r["channel"]
+        for r in await db.fetch("SELECT channel FROM conversations WHERE company_id = $1", tenant.id)
+    }
     assert channels == {"messenger", "instagram"}
 
 
@@ -121,13 +148,15 @@ async def test_redelivered_webhook_gives_one_message_and_one_notification(
     client, ingest, db, tenant: Tenant, agent_user: int
 ):
     sender = "4915550001111"
-    envelope = _wa([wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)],
-                   contacts=[(sender, "Max")])
+    envelope = _wa(
+        [wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)], contacts=[(sender, "Max")]
+    )
     for _ in range(3):
         await _post(client, ingest, tenant, envelope)
     # A later message proves the redeliveries were processed before we count.
-    await _post(client, ingest, tenant, _wa([wa_message("text", wamid=_wamid(), from_=sender,
-                                                        timestamp=1750000100)]))
+    await _post(
+        client, ingest, tenant, _wa([wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000100)])
+    )
     await wait_until(lambda: _complete(db, tenant, 2), what="both messages")
     assert len(await _messages(db, tenant)) == 2
     assert await db.fetchval("SELECT count(*) FROM notifications WHERE user_id = $1", agent_user) == 2
@@ -137,10 +166,14 @@ async def test_redelivered_webhook_gives_one_message_and_one_notification(
 async def test_shuffled_statuses_end_at_the_highest(client, ingest, db, tenant: Tenant):
     recipient = "4915550002222"
     read_id, failed_id = _wamid(), _wamid()
-    statuses = [wa_status(s, wamid=read_id, recipient_id=recipient, timestamp=1750000000 + i)
-                for i, s in enumerate(["sent", "delivered", "read"])]
-    statuses += [wa_status(s, wamid=failed_id, recipient_id=recipient, timestamp=1750000000 + i)
-                 for i, s in enumerate(["sent", "delivered", "failed"])]
+    statuses = [
+        wa_status(s, wamid=read_id, recipient_id=recipient, timestamp=1750000000 + i)
+        for i, s in enumerate(["sent", "delivered", "read"])
+    ]
+    statuses += [
+        wa_status(s, wamid=failed_id, recipient_id=recipient, timestamp=1750000000 + i)
+        for i, s in enumerate(["sent", "delivered", "failed"])
+    ]
     for order in range(3):
         random.Random(order).shuffle(statuses)
         for status in statuses:
@@ -148,7 +181,10 @@ async def test_shuffled_statuses_end_at_the_highest(client, ingest, db, tenant: 
 
     async def final():
         rows = {r["external_id"]: r for r in await _messages(db, tenant)}
-        done = rows.get(read_id, {}).get("status") == "read" and rows.get(failed_id, {}).get("status") == "failed"
+        done = (
+            rows.get(read_id, {}).get("status") == "read"
+            and rows.get(failed_id, {}).get("status") == "failed"
+        )
         return rows if done else None
 
     rows = await wait_until(final, what="final statuses")
@@ -156,11 +192,16 @@ async def test_shuffled_statuses_end_at_the_highest(client, ingest, db, tenant: 
     error = rows[failed_id]["error"]
     assert error and error[0]["code"]
     # A late "sent" after "read" changes nothing.
-    await _post(client, ingest, tenant, _wa(statuses=[wa_status("sent", wamid=read_id, recipient_id=recipient,
-                                                                timestamp=1750000009)]))
+    await _post(
+        client,
+        ingest,
+        tenant,
+        _wa(statuses=[wa_status("sent", wamid=read_id, recipient_id=recipient, timestamp=1750000009)]),
+    )
     marker = _wamid()
-    await _post(client, ingest, tenant, _wa([wa_message("text", wamid=marker, from_=recipient,
-                                                        timestamp=1750000010)]))
+    await _post(
+        client, ingest, tenant, _wa([wa_message("text", wamid=marker, from_=recipient, timestamp=1750000010)])
+    )
     await wait_until(lambda: _complete(db, tenant, 3), what="marker message")
     assert (await db.fetchval("SELECT status FROM messages WHERE external_id = $1", read_id)) == "read"
 
@@ -177,8 +218,9 @@ async def test_unknown_change_fields_are_kept_once(client, ingest, db, tenant: T
     await _post(client, ingest, tenant, wa_envelope([other], waba_id="102290129340398"))
 
     async def kept():
-        rows = await db.fetch("SELECT field, payload FROM webhook_events WHERE company_id = $1 ORDER BY field",
-                              tenant.id)
+        rows = await db.fetch(
+            "SELECT field, payload FROM webhook_events WHERE company_id = $1 ORDER BY field", tenant.id
+        )
         return rows if len(rows) >= 3 else None
 
     rows = await wait_until(kept, what="kept events")
@@ -199,8 +241,9 @@ async def test_poison_record_goes_to_dead_letters_and_the_partition_moves_on(
     finally:
         await producer.stop()
     sender = "4915550003333"
-    await _post(client, ingest, tenant, _wa([wa_message("text", wamid=_wamid(), from_=sender,
-                                                        timestamp=1750000000)]))
+    await _post(
+        client, ingest, tenant, _wa([wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)])
+    )
     await wait_until(lambda: _complete(db, tenant, 1), what="the message after the poison")
 
     async def letters():
@@ -227,8 +270,12 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
         sender = f"49160{i % 40:07d}"
         wamid = _wamid()
         wamids.append(wamid)
-        envelopes.append(_wa([wa_message("text", wamid=wamid, from_=sender, timestamp=1750000000 + i)],
-                             contacts=[(sender, f"Contact {i % 40}")]))
+        envelopes.append(
+            _wa(
+                [wa_message("text", wamid=wamid, from_=sender, timestamp=1750000000 + i)],
+                contacts=[(sender, f"Contact {i % 40}")],
+            )
+        )
     for i, envelope in enumerate(envelopes):
         await _post(client, ingest, tenant, envelope)
         if i in (120, 260):
@@ -237,4 +284,7 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
     rows = await wait_until(lambda: _complete(db, tenant, 400), timeout_s=60, what="all 400 messages")
     assert sorted(r["external_id"] for r in rows) == sorted(wamids)
     assert await db.fetchval("SELECT count(*) FROM notifications WHERE user_id = $1", agent_user) == 400
-    assert await db.fetchval("SELECT sum(unread_count) FROM conversations WHERE company_id = $1", tenant.id) == 400
+    assert (
+        await db.fetchval("SELECT sum(unread_count) FROM conversations WHERE company_id = $1", tenant.id)
+        == 400
+    )

@@ -1,0 +1,94 @@
+"""The two commands a user runs: `cortexx up` brings the stack up on embedded services,
+`cortexx simulate` proves the path end to end, and Ctrl-C stops everything cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from infra.embedded import free_port
+
+
+def _env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEXX_")}
+    env.update(CORTEXX_DATA_DIR=str(data_dir), CORTEXX_INGEST_PORT=str(port))
+    return env
+
+
+def _cortexx(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _start_up(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "cortexx up exited early"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("cortexx up did not serve /health")
+
+
+def _stop_up(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes left running after Ctrl-C: {alive}"
+    return proc.returncode, out
+
+
+def test_up_simulate_and_stop(tmp_path: Path):
+    port = free_port()
+    env = _env(tmp_path / "data", port)
+    up = _start_up(env, port)
+    try:
+        simulated = _cortexx("simulate", "--contacts", "12", "--messages", "3", "--timeout", "30", env=env)
+        assert simulated.returncode == 0, simulated.stdout + simulated.stderr
+        assert "OK" in simulated.stdout
+
+        added = _cortexx("tenants", "add", "--slug", "acme", "--app-secret", "s1", "--verify-token", "v1",
+                         env=env)
+        assert added.returncode == 0, added.stderr
+        assert "registered company acme" in added.stdout
+        updated = _cortexx("tenants", "add", "--slug", "acme", "--app-secret", "s2", "--verify-token", "v2",
+                           env=env)
+        assert "updated company acme" in updated.stdout
+        bad = _cortexx("tenants", "add", "--slug", "Not A Slug", "--app-secret", "s", "--verify-token", "v",
+                       env=env)
+        assert bad.returncode == 2
+        assert "slug" in bad.stderr
+    finally:
+        code, out = _stop_up(up)
+    assert code == 0
+    assert f"http://127.0.0.1:{port}" in out
+
+    # Postgres data survives a restart of the whole stack.
+    up = _start_up(env, port)
+    try:
+        again = _cortexx("simulate", "--contacts", "12", "--messages", "3", "--timeout", "30", env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "registered demo company" not in again.stderr
+    finally:
+        code, _ = _stop_up(up)
+    assert code == 0
+
+
+def test_service_commands_explain_a_missing_stack(tmp_path: Path):
+    env = _env(tmp_path / "empty", free_port())
+    result = _cortexx("ingest", env=env, timeout=30)
+    assert result.returncode == 2
+    assert "cortexx up" in result.stderr
