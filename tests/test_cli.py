@@ -23,13 +23,24 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
 
 
 def _cortexx(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _start_up(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, "cortexx up exited early"
@@ -46,7 +57,7 @@ def _stop_up(proc: subprocess.Popen[str]) -> tuple[int, str]:
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes left running after Ctrl-C: {alive}"
     return proc.returncode, out
 
@@ -60,15 +71,18 @@ def test_up_simulate_and_stop(tmp_path: Path):
         assert simulated.returncode == 0, simulated.stdout + simulated.stderr
         assert "OK" in simulated.stdout
 
-        added = _cortexx("tenants", "add", "--slug", "acme", "--app-secret", "s1", "--verify-token", "v1",
-                         env=env)
+        added = _cortexx(
+            "tenants", "add", "--slug", "acme", "--app-secret", "s1", "--verify-token", "v1", env=env
+        )
         assert added.returncode == 0, added.stderr
         assert "registered company acme" in added.stdout
-        updated = _cortexx("tenants", "add", "--slug", "acme", "--app-secret", "s2", "--verify-token", "v2",
-                           env=env)
+        updated = _cortexx(
+            "tenants", "add", "--slug", "acme", "--app-secret", "s2", "--verify-token", "v2", env=env
+        )
         assert "updated company acme" in updated.stdout
-        bad = _cortexx("tenants", "add", "--slug", "Not A Slug", "--app-secret", "s", "--verify-token", "v",
-                       env=env)
+        bad = _cortexx(
+            "tenants", "add", "--slug", "Not A Slug", "--app-secret", "s", "--verify-token", "v", env=env
+        )
         assert bad.returncode == 2
         assert "slug" in bad.stderr
     finally:
