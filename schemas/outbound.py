@@ -1,0 +1,63 @@
+"""Records on `wuzapi.outbound`: one message to send through WUZAPI, keyed by tenant.
+
+`id` is the idempotency id: it is the WhatsApp message id we ask WUZAPI to use (its `Id` field),
+and the `external_id` of the pending row in `messages`, so a retry or a replay never makes a
+second message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import orjson
+
+OUTBOUND_VERSION = 1
+
+OutboundKind = Literal["text", "image", "document", "markread"]
+Origin = Literal["agent", "auto_reply", "read_receipt", "replay"]
+
+
+class OutboundRecordError(ValueError):
+    """An outbound record that does not decode into its schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    id: str
+    tenant: str
+    company_id: int
+    conversation_id: int
+    to: str
+    kind: OutboundKind
+    origin: Origin
+    created_at_ms: int
+    text: str | None = None
+    media_url: str | None = None
+    caption: str | None = None
+    filename: str | None = None
+    # markread: the inbound message ids to mark read, and who sent them.
+    read_ids: tuple[str, ...] = ()
+    user_id: int | None = None
+    v: int = OUTBOUND_VERSION
+
+    @property
+    def key(self) -> bytes:
+        return self.tenant.encode()
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> OutboundMessage:
+        try:
+            doc: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise OutboundRecordError(f"not JSON: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("v") != OUTBOUND_VERSION:
+            raise OutboundRecordError("unsupported outbound record version")
+        try:
+            doc["read_ids"] = tuple(doc.get("read_ids") or ())
+            return cls(**doc)
+        except TypeError as exc:
+            raise OutboundRecordError(f"malformed outbound record: {exc}") from exc
