@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import typer
 
@@ -17,6 +18,15 @@ app = typer.Typer(
 )
 tenants_app = typer.Typer(help="Register and update companies (tenants).", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+
+
+def _add_dlq_commands() -> None:
+    from cli.dlq import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
+
+_add_dlq_commands()
 
 
 def _settings(process: str) -> Settings:
@@ -121,7 +131,31 @@ def worker() -> None:
     settings = _settings("worker")
     settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
     settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
+    settings.wuzapi_url = need_url(settings.wuzapi_url, "CORTEXX_WUZAPI_URL")
     raise typer.Exit(run_worker(settings))
+
+
+@app.command("wuzapi-sim")
+def wuzapi_sim(
+    port: int = typer.Option(None, help="Port to listen on (default CORTEXX_WUZAPI_SIM_PORT)."),
+    token: list[str] = typer.Option(None, help="Accept only these tokens (default: any)."),
+) -> None:
+    """Run the WUZAPI simulator (faults switched at run time through /_sim/faults)."""
+    import signal
+
+    from infra.wuzapi_sim import serve
+
+    settings = _settings("wuzapi-sim")
+
+    async def run() -> None:
+        task = asyncio.ensure_future(serve("127.0.0.1", port or settings.wuzapi_sim_port, set(token or ())))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
 
 
 @app.command()

@@ -66,6 +66,7 @@ def _child_env(settings: Settings, services: Services) -> dict[str, str]:
     env["CORTEXX_DATABASE_URL"] = services.database_url
     env["CORTEXX_KAFKA_BOOTSTRAP"] = services.kafka_bootstrap or ""
     env["CORTEXX_DATA_DIR"] = str(settings.data_dir)
+    env["CORTEXX_WUZAPI_URL"] = settings.wuzapi_url or f"http://127.0.0.1:{settings.wuzapi_sim_port}"
     return env
 
 
@@ -75,6 +76,8 @@ def _write_services_env(settings: Settings, services: Services) -> None:
         f"CORTEXX_DATABASE_URL={services.database_url}\n"
         f"CORTEXX_KAFKA_BOOTSTRAP={services.kafka_bootstrap}\n"
         f"CORTEXX_INGEST_PORT={settings.ingest_port}\n"
+        f"CORTEXX_API_PORT={settings.api_port}\n"
+        f"CORTEXX_WUZAPI_URL={settings.wuzapi_url or f'http://127.0.0.1:{settings.wuzapi_sim_port}'}\n"
     )
 
 
@@ -96,6 +99,10 @@ def run_up(settings: Settings) -> int:
         Child("ingest", ["ingest"], url=f"http://{settings.ingest_host}:{settings.ingest_port}"),
         Child("worker", ["worker"]),
     ]
+    if not settings.wuzapi_url:
+        # No gateway configured: run the simulator, first, so the worker finds it.
+        sim_url = f"http://127.0.0.1:{settings.wuzapi_sim_port}"
+        children.insert(0, Child("wuzapi-sim", ["wuzapi-sim"], url=sim_url))
     try:
         asyncio.run(migrate(services.database_url))
         assert services.kafka_bootstrap is not None
@@ -124,7 +131,8 @@ def run_up(settings: Settings) -> int:
         log.info("up.stopping")
         return 0
     finally:
-        for child in children:
+        # Reverse start order: the worker drains its sends before the simulator goes away.
+        for child in reversed(children):
             child.stop()
         settings.services_env_path.unlink(missing_ok=True)
         services.stop()

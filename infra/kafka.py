@@ -70,7 +70,12 @@ class DurableProducer:
         return self._producer
 
     async def send_all(
-        self, topic: str, records: Sequence[tuple[bytes | None, bytes]], *, timeout_s: float
+        self,
+        topic: str,
+        records: Sequence[tuple[bytes | None, bytes]],
+        *,
+        timeout_s: float,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Send every record and return once the broker acknowledged all of them.
 
@@ -80,7 +85,9 @@ class DurableProducer:
         try:
             async with asyncio.timeout(timeout_s):
                 producer = await self._ensure_started()
-                futures = [await producer.send(topic, value, key=key) for key, value in records]
+                futures = [
+                    await producer.send(topic, value, key=key, headers=headers) for key, value in records
+                ]
                 await asyncio.gather(*futures)
         except (TimeoutError, KafkaError, OSError) as exc:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_DIR_DEFAULT = Path(".cortexx")
@@ -50,6 +50,22 @@ class Settings(BaseSettings):
     tenant_cache_negative_ttl_s: float = Field(default=2.0, ge=0)
     tenant_cache_size: int = Field(default=10_000, ge=1)
 
+    # Read API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8001
+    session_cookie_name: str = "cortexx_session"
+    session_cookie_secure: bool | None = None  # None: Secure everywhere but development
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0)  # rolling: renewed on use
+    session_touch_s: float = Field(default=60.0, ge=0)  # renew at most this often: not a write per request
+    # Signs session cookies and pagination cursors. Development keeps a generated one in
+    # data_dir/session.key, so sessions survive restarts; production must set it (32+ chars).
+    session_secret: SecretStr | None = None
+    session_prune_interval_s: float = Field(default=300.0, gt=0)  # each process, jittered by ±50%
+    slow_query_ms: float = Field(default=100.0, ge=0)
+    ready_timeout_s: float = Field(default=0.08, gt=0)  # /ready answers within this, whatever hangs
+    broker_probe_interval_s: float = Field(default=1.5, gt=0)  # lag and dead-letter snapshot refresh
+    api_db_timeout_s: float = Field(default=5.0, gt=0)
+
     # Worker.
     worker_app_id: str = "cortexx"
     worker_batch_max: int = Field(default=500, ge=1)
@@ -57,6 +73,21 @@ class Settings(BaseSettings):
     worker_web_port: int = 6066
     worker_session_timeout_s: float = Field(default=6.0, gt=0)
     db_retry_max_s: float = Field(default=5.0, gt=0)
+
+    # Outbound through WUZAPI. No URL: `cortexx up` starts the simulator.
+    wuzapi_url: str | None = None
+    wuzapi_token: str = "cortexx-dev-token"  # used for companies without a token of their own
+    wuzapi_connect_timeout_s: float = Field(default=2.0, gt=0)
+    wuzapi_timeout_s: float = Field(default=5.0, gt=0)
+    wuzapi_max_attempts: int = Field(default=10, ge=1)
+    wuzapi_backoff_initial_s: float = Field(default=0.2, gt=0)
+    wuzapi_backoff_max_s: float = Field(default=10.0, gt=0)
+    breaker_fail_max: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=5.0, gt=0)
+    outbound_max_in_flight: int = Field(default=2000, ge=1)
+    company_cache_ttl_s: float = Field(default=30.0, ge=0)  # how soon the worker sees changed settings
+    worker_metrics_port: int = Field(default=9101, ge=0)  # 0: no metrics endpoint
+    wuzapi_sim_port: int = 8090
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -66,6 +97,8 @@ class Settings(BaseSettings):
                 for name, value in (
                     ("CORTEXX_DATABASE_URL", self.database_url),
                     ("CORTEXX_KAFKA_BOOTSTRAP", self.kafka_bootstrap),
+                    ("CORTEXX_SESSION_SECRET", self.session_secret),
+                    ("CORTEXX_WUZAPI_URL", self.wuzapi_url),
                 )
                 if not value
             ]

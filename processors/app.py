@@ -1,8 +1,10 @@
-"""The Faust app of the stream worker and its `webhooks` agent.
+"""The Faust app of the stream worker and its agents, `webhooks` and `outbound`.
 
-Records are taken in batches without automatic acks (`noack_take`); a batch is acknowledged
-only after its rows are committed (or its poison records are on the dead-letter topic), so a
-worker killed mid-batch redelivers it, and the idempotent writes absorb the redelivery.
+`webhooks` takes records in batches without automatic acks (`noack_take`); a batch is
+acknowledged only after its rows are committed (or its poison records are on the dead-letter
+topic), so a worker killed mid-batch redelivers it, and the idempotent writes absorb the
+redelivery. `outbound` hands each record to its tenant's lane and acknowledges it once sent or
+dead-lettered.
 """
 
 from __future__ import annotations
@@ -12,20 +14,34 @@ from typing import Any
 
 import faust
 from faust.types import EventT
+from prometheus_client import start_http_server
 
 from infra.db import create_pool
-from infra.kafka import BrokerUnavailable, DurableProducer
+from infra.kafka import DurableProducer
 from infra.logging import get_logger
 from infra.settings import Settings
-from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, declare_topics
+from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
+from processors.deadletter import DeadLetterWriter
+from processors.outbound import OutboundSender, TenantLanes
 from processors.webhooks import RawRecord, WebhookWriter
+from processors.wuzapi import WuzapiClient
 from schemas.deadletter import DeadLetter
+from schemas.outbound import OutboundMessage
 
 log = get_logger("processors.app")
 
+UPSERT_BREAKER = """
+INSERT INTO wuzapi_breakers (instance, state, failures, opened_at, updated_at)
+VALUES ($1, $2, $3, CASE WHEN $2 = 'open' THEN now() END, now())
+ON CONFLICT (instance) DO UPDATE
+   SET state = EXCLUDED.state, failures = EXCLUDED.failures,
+       opened_at = CASE WHEN EXCLUDED.state = 'open' THEN now() ELSE wuzapi_breakers.opened_at END,
+       updated_at = now()
+"""
+
 
 def create_app(settings: Settings) -> faust.App:
-    assert settings.database_url and settings.kafka_bootstrap
+    assert settings.database_url and settings.kafka_bootstrap and settings.wuzapi_url
     app = faust.App(
         settings.worker_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -46,16 +62,28 @@ def create_app(settings: Settings) -> faust.App:
         worker_redirect_stdouts=False,
     )
     webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
-    dlq = DurableProducer(settings.kafka_bootstrap)
+    outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
+    producer = DurableProducer(settings.kafka_bootstrap)
+    dead_letters = DeadLetterWriter(producer)
+    background: set[asyncio.Task[None]] = set()
+    running_agents = {"webhooks", "outbound"}
 
-    async def dead_letter(letter: DeadLetter) -> None:
+    async def agent_stopped(name: str) -> None:
+        # The shared producer closes when the last agent using it has stopped.
+        running_agents.discard(name)
+        if not running_agents:
+            await producer.stop()
+
+    async def send_outbound(messages: list[OutboundMessage]) -> None:
         delay = 0.2
         while True:
             try:
-                await dlq.send_all(META_WEBHOOKS_DLQ, [(letter.key, letter.to_bytes())], timeout_s=10)
+                await producer.send_all(
+                    WUZAPI_OUTBOUND, [(m.key, m.to_bytes()) for m in messages], timeout_s=10
+                )
                 return
-            except BrokerUnavailable as exc:
-                log.warning("webhooks.dlq_retry", error=str(exc))
+            except Exception as exc:  # BrokerUnavailable: wait for the broker, drop nothing
+                log.warning("outbound.produce_retry", error=str(exc), records=len(messages))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -73,12 +101,25 @@ def create_app(settings: Settings) -> faust.App:
             partitions=settings.topic_partitions,
             replication=settings.topic_replication,
         )
+        if settings.worker_metrics_port:
+            start_http_server(settings.worker_metrics_port, addr="127.0.0.1")
+            log.info("worker.metrics", url=f"http://127.0.0.1:{settings.worker_metrics_port}/metrics")
 
     @app.agent(webhooks_topic, name="webhooks")
     async def webhooks(stream: faust.StreamT[Any]) -> None:
         assert settings.database_url
         pool = await create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_max)
-        writer = WebhookWriter(pool, dead_letter, retry_max_s=settings.db_retry_max_s)
+
+        async def dead_letter(letter: DeadLetter) -> None:
+            await dead_letters.write(META_WEBHOOKS_DLQ, letter)
+
+        writer = WebhookWriter(
+            pool,
+            dead_letter,
+            send_outbound,
+            retry_max_s=settings.db_retry_max_s,
+            company_cache_ttl_s=settings.company_cache_ttl_s,
+        )
         try:
             # noack_take is faust-streaming's; its StreamT protocol does not declare it.
             async for events in stream.noack_take(  # type: ignore[attr-defined]
@@ -100,9 +141,65 @@ def create_app(settings: Settings) -> faust.App:
                 )
         finally:
             await pool.close()
-            await dlq.stop()
+            await agent_stopped("webhooks")
+
+    @app.agent(outbound_topic, name="outbound")
+    async def outbound(stream: faust.StreamT[Any]) -> None:
+        assert settings.database_url and settings.wuzapi_url
+        pool = await create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_max)
+
+        def breaker_changed(instance: str, state: str, failures: int) -> None:
+            task = asyncio.get_running_loop().create_task(_record_breaker(instance, state, failures))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        async def _record_breaker(instance: str, state: str, failures: int) -> None:
+            try:
+                await pool.execute(UPSERT_BREAKER, instance, state, failures)
+            except Exception as exc:  # the breaker still works; only the read API's view is stale
+                log.warning("wuzapi.breaker_not_recorded", instance=instance, error=repr(exc))
+
+        client = WuzapiClient(
+            settings.wuzapi_url,
+            connect_timeout_s=settings.wuzapi_connect_timeout_s,
+            timeout_s=settings.wuzapi_timeout_s,
+            breaker_fail_max=settings.breaker_fail_max,
+            breaker_reset_s=settings.breaker_reset_s,
+            on_breaker_change=breaker_changed,
+        )
+        sender = OutboundSender(
+            pool,
+            client,
+            dead_letters,
+            default_token=settings.wuzapi_token,
+            max_attempts=settings.wuzapi_max_attempts,
+            backoff_initial_s=settings.wuzapi_backoff_initial_s,
+            backoff_max_s=settings.wuzapi_backoff_max_s,
+            config_ttl_s=settings.company_cache_ttl_s,
+        )
+        manual = stream.noack()  # type: ignore[attr-defined]
+
+        async def done(event: Any) -> None:
+            await manual.ack(event)
+
+        lanes = TenantLanes(sender.handle, done, max_in_flight=settings.outbound_max_in_flight)
+        try:
+            async for event in manual.events():
+                await lanes.submit(event, _raw(event))
+        finally:
+            await lanes.stop()
+            await client.close()
+            await pool.close()
+            await agent_stopped("outbound")
 
     return app
+
+
+def _headers(headers: Any) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
 
 
 def _raw(event: EventT[Any]) -> RawRecord:
@@ -113,15 +210,8 @@ def _raw(event: EventT[Any]) -> RawRecord:
         offset=message.offset,
         key=message.key,
         value=message.value or b"",
-        headers=[(str(k), bytes(v)) for k, v in _headers(message.headers)],
+        headers=_headers(message.headers),
     )
-
-
-def _headers(headers: Any) -> list[tuple[str, bytes]]:
-    if not headers:
-        return []
-    items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
 
 
 def run_worker(settings: Settings) -> int:

@@ -9,6 +9,8 @@ bumps no counter twice. A status only ever moves up its rank, so arrival order d
 from __future__ import annotations
 
 import hashlib
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +18,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from processors.autoreply import Company, CompanyCache, auto_replies_due
 from schemas.meta import WHATSAPP_OBJECT
+from schemas.outbound import OutboundMessage
 from schemas.records import WebhookRecord
 
 # sent < delivered < read; failed is terminal (ranked above all); inbound messages are received.
@@ -60,7 +64,7 @@ INSERT INTO conversations (company_id, contact_id, channel)
 VALUES ($1, $2, $3)
 ON CONFLICT (company_id, contact_id) WHERE deleted_at IS NULL
 DO UPDATE SET channel = conversations.channel
-RETURNING id
+RETURNING id, (xmax = 0) AS created
 """
 
 INSERT_MESSAGE = """
@@ -118,6 +122,34 @@ MARK_READ_UP_TO = """
 UPDATE messages
    SET status = 'read', status_rank = 3, status_at = $3, updated_at = now()
  WHERE conversation_id = $1 AND direction = 'outbound' AND sent_at <= $2 AND status_rank < 3
+"""
+
+COMPANY = """
+SELECT id, wuzapi_token, welcome_message, away_message, timezone, business_hours
+  FROM companies WHERE slug = $1
+"""
+
+INSERT_AUTO_REPLY = """
+INSERT INTO auto_replies (company_id, conversation_id, kind, window_key, outbound_id)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING
+RETURNING outbound_id
+"""
+
+INSERT_PENDING_REPLY = """
+INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body, content,
+                      status, status_rank, sent_at)
+VALUES ($1, $2, $3, 'outbound', 'text', $4, $5, 'pending', 0, now())
+ON CONFLICT (company_id, external_id) DO NOTHING
+"""
+
+# Auto-replies committed earlier but never sent (a crash between commit and produce): sent again,
+# under the same id, when the webhook that caused them is redelivered.
+PENDING_AUTO_REPLIES = """
+SELECT ar.outbound_id, m.body
+  FROM auto_replies ar
+  JOIN messages m ON m.company_id = ar.company_id AND m.external_id = ar.outbound_id
+ WHERE ar.company_id = $1 AND ar.conversation_id = $2 AND m.status = 'pending'
 """
 
 INSERT_EVENT = """
@@ -182,39 +214,56 @@ def whatsapp_body(message: dict[str, Any]) -> str:
 
 
 class Store:
-    """Writes for one transaction. `company_ids` maps tenant slugs to company ids."""
+    """Writes for one transaction. `companies` caches tenant settings across batches;
+    `outbound` collects the auto-replies to produce once the transaction has committed."""
 
-    def __init__(self, conn: asyncpg.Connection, company_ids: dict[str, int]) -> None:
+    def __init__(self, conn: asyncpg.Connection, companies: CompanyCache) -> None:
         self.conn = conn
-        self.company_ids = company_ids
+        self.companies = companies
         self.stats = BatchStats()
+        self.outbound: list[OutboundMessage] = []
+        self._created: set[int] = set()
 
-    async def company_id(self, slug: str) -> int:
-        cached = self.company_ids.get(slug)
+    async def company(self, slug: str) -> Company:
+        cached = self.companies.get(slug)
         if cached is not None:
             return cached
-        found = await self.conn.fetchval("SELECT id FROM companies WHERE slug = $1", slug)
-        if found is None:
+        row = await self.conn.fetchrow(COMPANY, slug)
+        if row is None:
             raise PoisonRecord(f"unknown tenant {slug!r}")
-        self.company_ids[slug] = int(found)
-        return int(found)
+        company = Company(
+            id=int(row["id"]),
+            slug=slug,
+            wuzapi_token=row["wuzapi_token"],
+            welcome_message=row["welcome_message"],
+            away_message=row["away_message"],
+            timezone=row["timezone"],
+            business_hours=row["business_hours"],
+        )
+        self.companies.put(company)
+        return company
 
     async def apply(self, record: WebhookRecord) -> None:
-        company_id = await self.company_id(record.tenant)
+        company = await self.company(record.tenant)
         if record.kind == "change" and record.object == WHATSAPP_OBJECT and record.field == "messages":
-            await self._whatsapp(company_id, record.payload)
+            await self._whatsapp(company, record.payload)
         elif record.kind == "messaging":
-            await self._messaging(company_id, record)
+            await self._messaging(company, record)
         else:
-            await self._keep_event(company_id, record)
+            await self._keep_event(company.id, record)
 
     async def _conversation(self, company_id: int, contact: str, channel: str, name: str | None) -> int:
         if not contact:
             raise PoisonRecord("update names no contact")
         contact_id = await self.conn.fetchval(UPSERT_CONTACT, company_id, contact, channel, name)
-        return int(await self.conn.fetchval(UPSERT_CONVERSATION, company_id, contact_id, channel))
+        row = await self.conn.fetchrow(UPSERT_CONVERSATION, company_id, contact_id, channel)
+        assert row is not None
+        if row["created"]:
+            self._created.add(int(row["id"]))
+        return int(row["id"])
 
-    async def _whatsapp(self, company_id: int, value: dict[str, Any]) -> None:
+    async def _whatsapp(self, company: Company, value: dict[str, Any]) -> None:
+        company_id = company.id
         names = {
             str(c.get("wa_id")): (c.get("profile") or {}).get("name")
             for c in value.get("contacts") or ()
@@ -232,8 +281,10 @@ class Store:
             sender = str(message.get("from", ""))
             conversation_id = await self._conversation(company_id, sender, "whatsapp", names.get(sender))
             await self._message(
-                company_id,
+                company,
                 conversation_id,
+                contact=sender,
+                channel="whatsapp",
                 external_id=str(message["id"]),
                 direction="inbound",
                 kind=str(message.get("type", "unknown")),
@@ -267,9 +318,11 @@ class Store:
 
     async def _message(
         self,
-        company_id: int,
+        company: Company,
         conversation_id: int,
         *,
+        contact: str,
+        channel: str,
         external_id: str,
         direction: str,
         kind: str,
@@ -278,6 +331,7 @@ class Store:
         at: datetime,
         contact_name: str,
     ) -> None:
+        company_id = company.id
         status = "received" if direction == "inbound" else "sent"
         message_id = await self.conn.fetchval(
             INSERT_MESSAGE,
@@ -292,11 +346,13 @@ class Store:
             STATUS_RANK[status],
             at,
         )
+        inbound = direction == "inbound"
         if message_id is None:
             self.stats.duplicates += 1
+            if inbound:
+                await self._auto_replies(company, conversation_id, contact, channel, at, duplicate=True)
             return
         self.stats.messages += 1
-        inbound = direction == "inbound"
         preview = _clip(body)
         await self.conn.execute(
             BUMP_CONVERSATION, conversation_id, message_id, at, preview, 1 if inbound else 0
@@ -311,8 +367,10 @@ class Store:
                 preview or "",
             )
             self.stats.notifications += int(result.rsplit(" ", 1)[-1])
+            await self._auto_replies(company, conversation_id, contact, channel, at, duplicate=False)
 
-    async def _messaging(self, company_id: int, record: WebhookRecord) -> None:
+    async def _messaging(self, company: Company, record: WebhookRecord) -> None:
+        company_id = company.id
         event = record.payload
         channel = "instagram" if record.object == "instagram" else "messenger"
         page_id = record.entry_id
@@ -330,8 +388,10 @@ class Store:
                 kind = str(attachments[0].get("type", "attachment"))
                 body = f"[{kind}]"
             await self._message(
-                company_id,
+                company,
                 conversation_id,
+                contact=user,
+                channel=channel,
                 external_id=str(message["mid"]),
                 direction="outbound" if echo else "inbound",
                 kind=kind,
@@ -371,3 +431,50 @@ class Store:
         ).hexdigest()
         await self.conn.fetchval(INSERT_EVENT, company_id, obj, field, digest, payload)
         self.stats.events += 1
+
+    async def _auto_replies(
+        self,
+        company: Company,
+        conversation_id: int,
+        contact: str,
+        channel: str,
+        at: datetime,
+        *,
+        duplicate: bool,
+    ) -> None:
+        """Welcome a new conversation; answer outside business hours; each once per window."""
+        if channel != "whatsapp" or not (company.welcome_message or company.away_message):
+            return
+        if duplicate:
+            for row in await self.conn.fetch(PENDING_AUTO_REPLIES, company.id, conversation_id):
+                self._queue_reply(company, conversation_id, contact, row["outbound_id"], row["body"])
+            return
+        due = auto_replies_due(company, at, new_conversation=conversation_id in self._created)
+        for kind, window, text in due:
+            outbound_id = uuid.uuid4().hex
+            inserted = await self.conn.fetchval(
+                INSERT_AUTO_REPLY, company.id, conversation_id, kind, window, outbound_id
+            )
+            if inserted is None:
+                continue  # already answered in this window
+            await self.conn.execute(
+                INSERT_PENDING_REPLY, company.id, conversation_id, outbound_id, text, {"auto_reply": kind}
+            )
+            self._queue_reply(company, conversation_id, contact, outbound_id, text)
+
+    def _queue_reply(
+        self, company: Company, conversation_id: int, contact: str, outbound_id: str, text: str
+    ) -> None:
+        self.outbound.append(
+            OutboundMessage(
+                id=outbound_id,
+                tenant=company.slug,
+                company_id=company.id,
+                conversation_id=conversation_id,
+                to=contact,
+                kind="text",
+                origin="auto_reply",
+                created_at_ms=int(time.time() * 1000),
+                text=text,
+            )
+        )

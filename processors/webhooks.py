@@ -18,8 +18,10 @@ from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from infra.logging import get_logger
+from processors.autoreply import CompanyCache
 from processors.store import BatchStats, PoisonRecord, Store
 from schemas.deadletter import DeadLetter, FailureInfo
+from schemas.outbound import OutboundMessage
 from schemas.records import RecordError, WebhookRecord
 
 log = get_logger("processors.webhooks")
@@ -65,13 +67,16 @@ class WebhookWriter:
         self,
         pool: asyncpg.Pool,
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
+        send_outbound: Callable[[list[OutboundMessage]], Awaitable[None]],
         *,
         retry_max_s: float = 5.0,
+        company_cache_ttl_s: float = 30.0,
     ) -> None:
         self.pool = pool
         self.dead_letter = dead_letter
         self.retry_max_s = retry_max_s
-        self.company_ids: dict[str, int] = {}
+        self.send_outbound = send_outbound
+        self.companies = CompanyCache(company_cache_ttl_s)
 
     async def write(self, batch: Sequence[RawRecord]) -> BatchStats:
         """Write the batch; return only when every record is stored or dead-lettered."""
@@ -83,6 +88,7 @@ class WebhookWriter:
                 await self._poison(raw, None, exc)
         if not decoded:
             return BatchStats()
+        store: Store | None = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(initial=0.1, max=self.retry_max_s),
@@ -90,8 +96,14 @@ class WebhookWriter:
             reraise=True,
         ):
             with attempt:
-                return await self._write_once(decoded)
-        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+                store = await self._write_once(decoded)
+        assert store is not None  # AsyncRetrying either succeeded or re-raised
+        # Auto-replies leave only after their rows are committed, and before the batch is acked:
+        # a crash in between redelivers the batch, which finds them pending and sends them again
+        # under the same id.
+        if store.outbound:
+            await self.send_outbound(store.outbound)
+        return store.stats
 
     def _log_retry(self, state: object) -> None:
         DB_RETRIES.inc()
@@ -99,22 +111,22 @@ class WebhookWriter:
         error = outcome.exception() if outcome is not None else None
         log.warning("webhooks.db_retry", error=repr(error))
 
-    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> BatchStats:
+    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> Store:
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    store = Store(conn, self.company_ids)
+                    store = Store(conn, self.companies)
                     for _, record in decoded:
                         await store.apply(record)
                 PROCESSED.labels("stored").inc(len(decoded))
-                return store.stats
+                return store
             except Exception as exc:
                 if not _is_poison(exc):
                     raise
             # Some record is poison: redo with a savepoint each, to find and set it aside.
             poisoned: list[tuple[RawRecord, WebhookRecord, Exception]] = []
             async with conn.transaction():
-                store = Store(conn, self.company_ids)
+                store = Store(conn, self.companies)
                 for raw, record in decoded:
                     try:
                         async with conn.transaction():
@@ -126,7 +138,7 @@ class WebhookWriter:
             PROCESSED.labels("stored").inc(len(decoded) - len(poisoned))
         for raw, record, error in poisoned:
             await self._poison(raw, record.tenant, error)
-        return store.stats
+        return store
 
     async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
         now = int(time.time() * 1000)

@@ -55,6 +55,7 @@ class DeadLetter:
         headers: list[tuple[str, bytes]],
         error: FailureInfo,
         tenant: str | None,
+        history: list[FailureInfo] | None = None,
     ) -> DeadLetter:
         return cls(
             source_topic=topic,
@@ -65,6 +66,7 @@ class DeadLetter:
             headers=[(k, _b64(v)) for k, v in headers],
             error=error,
             tenant=tenant,
+            history=list(history or []),
         )
 
     @property
@@ -74,6 +76,9 @@ class DeadLetter:
     @property
     def value(self) -> bytes:
         return _unb64(self.value_b64) or b""
+
+    def header_bytes(self) -> list[tuple[str, bytes | None]]:
+        return [(k, _unb64(v)) for k, v in self.headers]
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(asdict(self))

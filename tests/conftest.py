@@ -17,7 +17,7 @@ from infra.embedded import EmbeddedBroker, EmbeddedPostgres
 from infra.migrate import migrate
 from infra.tenants import Tenant, upsert_tenant
 from infra.topics import declare_topics
-from tests.support import CortexxProcess, ServiceUrls
+from tests.support import CortexxProcess, ServiceUrls, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,18 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
 
 
 @pytest.fixture(scope="session")
+def wuzapi(services: ServiceUrls) -> Iterator[Simulator]:
+    """The WUZAPI simulator, a real HTTP process; every process started after it uses it."""
+    proc = CortexxProcess.wuzapi_sim(services)
+    proc.start()
+    services.wuzapi_url = proc.url
+    try:
+        yield Simulator(proc.url)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
 def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
     proc = CortexxProcess.ingest(services, produce_timeout_s=2.0)
     proc.start()
@@ -60,8 +72,10 @@ def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
 
 
 @pytest.fixture(scope="session")
-def worker(services: ServiceUrls) -> Iterator[CortexxProcess]:
-    proc = CortexxProcess.worker(services)
+def worker(services: ServiceUrls, wuzapi: Simulator) -> Iterator[CortexxProcess]:
+    proc = CortexxProcess.worker(
+        services, breaker_reset_s=1.0, wuzapi_timeout_s=1.0, wuzapi_backoff_max_s=1.0, company_cache_ttl_s=0.5
+    )
     proc.start()
     try:
         yield proc

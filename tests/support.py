@@ -30,6 +30,7 @@ class ServiceUrls:
     kafka_bootstrap: str
     broker: EmbeddedBroker | None
     data_dir: Path
+    wuzapi_url: str = ""
 
 
 @dataclass
@@ -59,7 +60,25 @@ class CortexxProcess:
         )
 
     @classmethod
+    def api(cls, services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any) -> CortexxProcess:
+        port = free_port()
+        env = _env(services, bootstrap=bootstrap, **settings)
+        return cls("api", ["api", "--port", str(port)], env, services.data_dir / f"api-{port}.log", port=port)
+
+    @classmethod
+    def wuzapi_sim(cls, services: ServiceUrls) -> CortexxProcess:
+        port = free_port()
+        return cls(
+            "wuzapi-sim",
+            ["wuzapi-sim", "--port", str(port)],
+            _env(services),
+            services.data_dir / f"wuzapi-sim-{port}.log",
+            port=port,
+        )
+
+    @classmethod
     def worker(cls, services: ServiceUrls, **settings: Any) -> CortexxProcess:
+        settings.setdefault("worker_metrics_port", free_port())
         env = _env(services, **settings)
         return cls(
             "worker",
@@ -135,6 +154,7 @@ def _env(services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any
         CORTEXX_KAFKA_BOOTSTRAP=bootstrap or services.kafka_bootstrap,
         CORTEXX_DATA_DIR=str(services.data_dir),
         CORTEXX_LOG_LEVEL="info",
+        CORTEXX_WUZAPI_URL=services.wuzapi_url,
     )
     env.update({f"CORTEXX_{k.upper()}": str(v) for k, v in settings.items()})
     return env
@@ -206,3 +226,40 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> lis
         raise AssertionError(f"could not read {topic} to its end within {timeout_s}s")
     finally:
         await consumer.stop()
+
+
+class Simulator:
+    """The WUZAPI simulator's control API: faults and the ledger of accepted sends."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def faults(self, **faults: Any) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.put(f"{self.url}/_sim/faults", content=orjson.dumps(faults))
+            response.raise_for_status()
+            return dict(response.json())
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            (await client.post(f"{self.url}/_sim/reset")).raise_for_status()
+
+    async def ledger(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(f"{self.url}/_sim/ledger")
+            response.raise_for_status()
+            return dict(response.json())
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in an exposition text (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

@@ -18,7 +18,13 @@ from infra.embedded import free_port
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEXX_")}
-    env.update(CORTEXX_DATA_DIR=str(data_dir), CORTEXX_INGEST_PORT=str(port))
+    env.update(
+        CORTEXX_DATA_DIR=str(data_dir),
+        CORTEXX_INGEST_PORT=str(port),
+        CORTEXX_API_PORT=str(free_port()),
+        CORTEXX_WUZAPI_SIM_PORT=str(free_port()),
+        CORTEXX_WORKER_METRICS_PORT=str(free_port()),
+    )
     return env
 
 

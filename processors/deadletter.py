@@ -1,0 +1,106 @@
+"""Dead letters: writing them (with their failure history) and reading them back for replay.
+
+A dead letter keeps the original key, value and headers byte for byte. A replayed record carries
+headers with the attempts and failures it already had, so if it fails again its new dead letter
+continues that history instead of starting over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import orjson
+from prometheus_client import Counter
+
+from infra.kafka import BrokerUnavailable, DurableProducer
+from infra.logging import get_logger
+from schemas.deadletter import DeadLetter, FailureInfo
+
+log = get_logger("processors.deadletter")
+
+DEAD_LETTERS = Counter("cortexx_dead_letters_total", "Records sent to a dead-letter topic", ["topic"])
+
+HEADER_REPLAY_OF = "cortexx-replay-of"
+HEADER_ATTEMPTS = "cortexx-attempts"
+HEADER_HISTORY = "cortexx-failures"
+
+DLQ_SUFFIX = ".dlq"
+
+
+def dlq_topic(source_topic: str) -> str:
+    return source_topic + DLQ_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What a replayed record had been through before."""
+
+    attempts: int
+    history: list[FailureInfo]
+    replay_of: str | None
+
+
+def prior_of(headers: list[tuple[str, bytes]]) -> Prior:
+    found = dict(headers)
+    attempts = 0
+    history: list[FailureInfo] = []
+    try:
+        attempts = int(found.get(HEADER_ATTEMPTS, b"0") or 0)
+        raw = found.get(HEADER_HISTORY)
+        if raw:
+            history = [FailureInfo(**item) for item in orjson.loads(raw)]
+    except (ValueError, TypeError):
+        pass  # headers from elsewhere: start a fresh history rather than refuse the record
+    replay_of = found.get(HEADER_REPLAY_OF)
+    return Prior(attempts, history, replay_of.decode() if replay_of else None)
+
+
+def replay_headers(letter: DeadLetter, dlq_id: str) -> list[tuple[str, bytes]]:
+    """The original headers, minus our bookkeeping, plus the history so far."""
+    ours = {HEADER_REPLAY_OF, HEADER_ATTEMPTS, HEADER_HISTORY}
+    original = [(k, v or b"") for k, v in letter.header_bytes() if k not in ours]
+    history = [*letter.history, letter.error]
+    return [
+        *original,
+        (HEADER_REPLAY_OF, dlq_id.encode()),
+        (HEADER_ATTEMPTS, str(letter.error.attempts).encode()),
+        (HEADER_HISTORY, orjson.dumps(history)),
+    ]
+
+
+def failure(
+    exc: BaseException | str, *, attempts: int, prior: Prior, first_failure_ms: int | None = None
+) -> tuple[FailureInfo, list[FailureInfo]]:
+    now = int(time.time() * 1000)
+    first = prior.history[0].first_failure_ms if prior.history else (first_failure_ms or now)
+    kind = exc if isinstance(exc, str) else type(exc).__name__
+    message = str(exc)[:2000] if not isinstance(exc, str) else exc
+    info = FailureInfo(
+        type=kind,
+        message=message,
+        attempts=prior.attempts + attempts,
+        first_failure_ms=first,
+        last_failure_ms=now,
+    )
+    return info, list(prior.history)
+
+
+class DeadLetterWriter:
+    """Produces dead letters durably; a broker outage is waited out, never a reason to drop one."""
+
+    def __init__(self, producer: DurableProducer) -> None:
+        self.producer = producer
+
+    async def write(self, topic: str, letter: DeadLetter) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.producer.send_all(topic, [(letter.key, letter.to_bytes())], timeout_s=10)
+                DEAD_LETTERS.labels(topic).inc()
+                return
+            except BrokerUnavailable as exc:
+                log.warning("deadletter.retry", topic=topic, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,163 @@
+"""Listing and replaying dead letters (`cortexx dlq`, and later the operators' console).
+
+A dead letter's id is `dlq_topic:partition:offset`. Replay sends the original key, value and
+headers back to the source topic, with the failure history in headers, and records the replay in
+Postgres: replaying the same dead letter again is skipped (unless forced), and the consumers'
+own idempotency (a message already sent is not sent again) covers a forced one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from infra.kafka import DurableProducer
+from infra.logging import get_logger
+from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
+from processors.deadletter import replay_headers
+from schemas.deadletter import DeadLetter
+
+log = get_logger("processors.replay")
+
+DLQ_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
+
+REPLAYED = """
+SELECT dlq_id FROM dlq_replays WHERE dlq_id = ANY($1::text[])
+"""
+
+RECORD_REPLAY = """
+INSERT INTO dlq_replays (dlq_id, source_topic, tenant, error_type, replayed_by)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (dlq_id) DO UPDATE SET replayed_at = now(), replayed_by = EXCLUDED.replayed_by,
+                                   times = dlq_replays.times + 1
+"""
+
+
+class ReplayError(RuntimeError):
+    """The dead letters could not be read or replayed (broker or database unavailable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLetter:
+    id: str
+    letter: DeadLetter
+    replayed: bool = False
+
+    @property
+    def failed_at(self) -> datetime:
+        return datetime.fromtimestamp(self.letter.error.last_failure_ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class LetterFilter:
+    topic: str | None = None  # the source topic or its dead-letter topic
+    tenant: str | None = None
+    error_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def matches(self, stored: StoredLetter) -> bool:
+        letter = stored.letter
+        if self.topic and self.topic not in (letter.source_topic, letter.source_topic + ".dlq"):
+            return False
+        if self.tenant and letter.tenant != self.tenant:
+            return False
+        if self.error_type and letter.error.type != self.error_type:
+            return False
+        if self.since and stored.failed_at < self.since:
+            return False
+        return not (self.until and stored.failed_at > self.until)
+
+
+async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 15.0) -> list[tuple[int, int, bytes]]:
+    """(partition, offset, value) of every record on `topic` now.
+
+    The end of each partition is the high watermark a fetch returns: the embedded broker answers
+    ListOffsets wrongly for batches of several records, so `end_offsets` is not used.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp, records in batch.items():
+                out.extend((tp.partition, r.offset, r.value or b"") for r in records)
+            marks = [consumer.highwater(tp) for tp in tps]
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(m is not None and p >= m for p, m in zip(positions, marks, strict=True)):
+                return out
+        raise ReplayError(f"could not read {topic} to its end within {timeout_s}s")
+    except KafkaError as exc:
+        raise ReplayError(f"broker unavailable: {exc}") from exc
+    finally:
+        await consumer.stop()
+
+
+async def load_letters(
+    bootstrap: str, conn: asyncpg.Connection, *, topics: Iterable[str] = DLQ_TOPICS
+) -> list[StoredLetter]:
+    letters: list[StoredLetter] = []
+    for topic in topics:
+        for partition, offset, value in await read_to_end(bootstrap, topic):
+            try:
+                letter = DeadLetter.from_bytes(value)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning(
+                    "dlq.unreadable", topic=topic, partition=partition, offset=offset, error=repr(exc)
+                )
+                continue
+            letters.append(StoredLetter(f"{topic}:{partition}:{offset}", letter))
+    done = {r["dlq_id"] for r in await conn.fetch(REPLAYED, [s.id for s in letters])}
+    return [StoredLetter(s.id, s.letter, s.id in done) for s in letters]
+
+
+@dataclass
+class ReplayResult:
+    replayed: list[str]
+    skipped: list[str]
+
+
+async def replay(
+    letters: list[StoredLetter],
+    *,
+    producer: DurableProducer,
+    conn: asyncpg.Connection,
+    who: str,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[StoredLetter], None] | None = None,
+) -> ReplayResult:
+    result = ReplayResult([], [])
+    for stored in letters:
+        if stored.replayed and not force:
+            result.skipped.append(stored.id)
+        elif not dry_run:
+            letter = stored.letter
+            headers = replay_headers(letter, stored.id)
+            await producer.send_all(
+                letter.source_topic, [(letter.key, letter.value)], headers=headers, timeout_s=10
+            )
+            await conn.execute(
+                RECORD_REPLAY, stored.id, letter.source_topic, letter.tenant, letter.error.type, who
+            )
+            log.info("dlq.replayed", id=stored.id, topic=letter.source_topic, tenant=letter.tenant)
+            result.replayed.append(stored.id)
+        else:
+            result.replayed.append(stored.id)
+        if progress is not None:
+            progress(stored)
+    return result

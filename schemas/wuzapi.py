@@ -1,0 +1,46 @@
+"""WUZAPI's HTTP contract, the part Cortexx uses (asternic/wuzapi API.md and handlers.go).
+
+Every reply is an envelope: `{"code": 200, "data": {...}, "success": true}` on success,
+`{"code": N, "error": "...", "success": false}` on failure. Requests carry the user's token in
+the `Token` header and JSON bodies with capitalised keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TOKEN_HEADER = "Token"
+
+SEND_TEXT = "/chat/send/text"
+SEND_IMAGE = "/chat/send/image"
+SEND_DOCUMENT = "/chat/send/document"
+MARK_READ = "/chat/markread"
+SESSION_STATUS = "/session/status"
+
+
+def ok_envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {"code": 200, "data": data, "success": True}
+
+
+def error_envelope(code: int, error: str) -> dict[str, Any]:
+    return {"code": code, "error": error, "success": False}
+
+
+def text_request(phone: str, body: str, message_id: str) -> dict[str, Any]:
+    return {"Phone": phone, "Body": body, "Id": message_id}
+
+
+def image_request(phone: str, image: str, caption: str | None, message_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"Phone": phone, "Image": image, "Id": message_id}
+    if caption:
+        out["Caption"] = caption
+    return out
+
+
+def document_request(phone: str, document: str, filename: str, message_id: str) -> dict[str, Any]:
+    return {"Phone": phone, "Document": document, "FileName": filename, "Id": message_id}
+
+
+def markread_request(ids: list[str], chat_phone: str) -> dict[str, Any]:
+    # In a one-to-one chat the sender of the messages we mark read is the chat itself.
+    return {"Id": ids, "ChatPhone": chat_phone, "SenderPhone": chat_phone}
