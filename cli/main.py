@@ -31,7 +31,7 @@ _add_dlq_commands()
 
 def _settings(process: str) -> Settings:
     settings = get_settings()
-    configure_logging(settings.log_level, process=process)
+    configure_logging(settings.log_level, process=process, log_file=settings.log_file)
     return settings
 
 
@@ -101,25 +101,21 @@ def ingest(
     port: int = typer.Option(None, help="Port to listen on (default CORTEXX_INGEST_PORT)."),
 ) -> None:
     """Serve the Meta webhook endpoint."""
-    import uvicorn
-
     from cli.services import need_url
+    from infra.http_server import serve_http
     from ingest.app import create_app
 
     settings = _settings("ingest")
     settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
     settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
-    config = uvicorn.Config(
+    code = serve_http(
         create_app(settings),
         host=settings.ingest_host,
         port=port or settings.ingest_port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
+        process="ingest",
+        grace_s=settings.shutdown_grace_s,
     )
-    uvicorn.Server(config).run()
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -141,17 +137,20 @@ def wuzapi_sim(
     token: list[str] = typer.Option(None, help="Accept only these tokens (default: any)."),
 ) -> None:
     """Run the WUZAPI simulator (faults switched at run time through /_sim/faults)."""
-    import signal
-
+    from infra.lifecycle import lifecycle
     from infra.wuzapi_sim import serve
 
     settings = _settings("wuzapi-sim")
+    lifecycle.install("wuzapi-sim")
 
     async def run() -> None:
         task = asyncio.ensure_future(serve("127.0.0.1", port or settings.wuzapi_sim_port, set(token or ())))
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
+        lifecycle.watch_loop(asyncio.get_running_loop())
+
+        def stop(_: str) -> None:
+            task.cancel()
+
+        lifecycle.on_stop(stop)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -186,6 +185,11 @@ def simulate(
         timeout_s=timeout,
     )
     raise typer.Exit(0 if ok else 1)
+
+
+from cli.api_commands import register as register_api_commands  # noqa: E402
+
+register_api_commands(app)
 
 
 def main() -> None:

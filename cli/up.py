@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import typer
 
 from cli.services import Services, start_services
+from infra.lifecycle import lifecycle
 from infra.logging import get_logger
 from infra.migrate import migrate
 from infra.settings import Settings
@@ -83,26 +84,28 @@ def _write_services_env(settings: Settings, services: Services) -> None:
 
 def run_up(settings: Settings) -> int:
     settings.services_env_path.unlink(missing_ok=True)
+    lifecycle.install("up")
     services = start_services(settings)
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if stopping:
-            log.warning("up.forced_exit", signal=signum)
-            raise SystemExit(130)
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     children = [
         Child("ingest", ["ingest"], url=f"http://{settings.ingest_host}:{settings.ingest_port}"),
         Child("worker", ["worker"]),
+        Child("api", ["api"], url=f"http://{settings.api_host}:{settings.api_port}"),
     ]
     if not settings.wuzapi_url:
         # No gateway configured: run the simulator, first, so the worker finds it.
         sim_url = f"http://127.0.0.1:{settings.wuzapi_sim_port}"
         children.insert(0, Child("wuzapi-sim", ["wuzapi-sim"], url=sim_url))
+
+    def force() -> None:
+        # A second Ctrl-C: no more waiting, but leave nothing running behind us.
+        for child in children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.kill()
+        for service in services.owned:
+            if service.proc is not None:
+                service.proc.kill()
+
+    lifecycle.on_force(force)
     try:
         asyncio.run(migrate(services.database_url))
         assert services.kafka_bootstrap is not None
@@ -124,7 +127,7 @@ def run_up(settings: Settings) -> int:
         typer.echo(f"  postgres {services.database_url}")
         typer.echo(f"  kafka    {services.kafka_bootstrap}")
         typer.echo("Press Ctrl-C to stop.")
-        while not stopping:
+        while not lifecycle.stop_requested.is_set():
             time.sleep(0.2)
             for child in children:
                 _supervise(child, env)

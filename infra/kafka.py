@@ -42,15 +42,17 @@ class DurableProducer:
         # Run before each (re)start, e.g. to declare topics on a broker that came back empty.
         self._prepare = prepare
         self._producer: AIOKafkaProducer | None = None
+        self._prepared = prepare is None
         self._lock = asyncio.Lock()
 
     async def _ensure_started(self) -> AIOKafkaProducer:
-        if self._producer is not None:
+        if self._producer is not None and self._prepared:
             return self._producer
         async with self._lock:
+            if not self._prepared and self._prepare is not None:
+                await self._prepare()
+                self._prepared = True
             if self._producer is None:
-                if self._prepare is not None:
-                    await self._prepare()
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self._bootstrap,
                     acks="all",
@@ -58,6 +60,9 @@ class DurableProducer:
                     enable_idempotence=self._enable_idempotence,
                     request_timeout_ms=self._request_timeout_ms,
                     max_request_size=8 * 1024 * 1024,
+                    # Thousands of concurrent sends would otherwise queue behind full 16 KiB
+                    # batches and time out together; larger batches are what acks=all needs.
+                    max_batch_size=1024 * 1024,
                     compression_type=None,
                 )
                 try:
@@ -90,6 +95,10 @@ class DurableProducer:
                 ]
                 await asyncio.gather(*futures)
         except (TimeoutError, KafkaError, OSError) as exc:
+            # The broker may come back empty (the embedded one keeps topics in memory, and acks a
+            # produce to a topic it no longer has without storing it): declare again before the
+            # next send.
+            self._prepared = self._prepare is None
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def stop(self) -> None:

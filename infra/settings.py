@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     env: Literal["development", "test", "production"] = "development"
     data_dir: Path = DATA_DIR_DEFAULT
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: Path | None = None  # where logs go if stdout is closed (else stderr)
+    shutdown_grace_s: float = Field(default=15.0, gt=0)  # drain time after SIGTERM / SIGINT
 
     # Services. None means: use the embedded one (development and tests only).
     database_url: str | None = None
@@ -62,7 +64,7 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = None
     session_prune_interval_s: float = Field(default=300.0, gt=0)  # each process, jittered by ±50%
     slow_query_ms: float = Field(default=100.0, ge=0)
-    ready_timeout_s: float = Field(default=0.08, gt=0)  # /ready answers within this, whatever hangs
+    ready_timeout_s: float = Field(default=0.07, gt=0)  # per check, all concurrent: /ready < 100 ms
     broker_probe_interval_s: float = Field(default=1.5, gt=0)  # lag and dead-letter snapshot refresh
     api_db_timeout_s: float = Field(default=5.0, gt=0)
 

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from infra.db import create_pool
 from infra.kafka import DurableProducer
+from infra.lifecycle import lifecycle
 from infra.logging import get_logger
 from infra.settings import Settings
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
@@ -60,6 +61,8 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         web_enabled=False,
         worker_redirect_stdouts=False,
+        # Faust keeps a data dir of its own (we use no tables); not in the working directory.
+        datadir=str(settings.data_dir / "faust"),
     )
     webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
     outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
@@ -215,11 +218,26 @@ def _raw(event: EventT[Any]) -> RawRecord:
 
 
 def run_worker(settings: Settings) -> int:
-    """Run the worker until SIGTERM or SIGINT; return its exit code."""
+    """Run the worker until a stop is requested (SIGTERM, SIGINT, EPIPE); return its exit code."""
+    import signal
+
     from faust.worker import Worker
 
+    class _Worker(Worker):  # type: ignore[misc]
+        def install_signal_handlers(self) -> None:
+            # The lifecycle module owns the signal handlers; Faust installs none of its own.
+            lifecycle.watch_loop(self.loop)
+
+    lifecycle.install("worker")
     app = create_app(settings)
-    worker = Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
+    worker = _Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
+    worker.spinner = None  # no terminal escapes in a JSON log
+
+    def stop(reason: str) -> None:
+        # Faust's own shutdown: stop the agents, commit acknowledged offsets, close the consumer.
+        worker._schedule_shutdown(signal.SIGTERM)
+
+    lifecycle.on_stop(stop)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -84,6 +84,8 @@ async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 15.0) ->
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         await consumer.start()
+        if topic not in await consumer.topics():  # also loads the partitions' metadata
+            return []
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             return []

@@ -43,7 +43,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
             bootstrap = broker.bootstrap
         asyncio.run(migrate(database_url))
         asyncio.run(declare_topics(bootstrap, partitions=4, replication=1))
-        yield ServiceUrls(database_url=database_url, kafka_bootstrap=bootstrap, broker=broker, data_dir=data)
+        postgres = next((s for s in owned if isinstance(s, EmbeddedPostgres)), None)
+        yield ServiceUrls(
+            database_url=database_url,
+            kafka_bootstrap=bootstrap,
+            broker=broker,
+            data_dir=data,
+            postgres=postgres,
+        )
     finally:
         for service in reversed(owned):
             service.stop()

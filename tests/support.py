@@ -17,7 +17,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from infra.embedded import EmbeddedBroker, free_port
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from infra.meta_samples import sign
 from infra.tenants import Tenant
 
@@ -31,6 +31,7 @@ class ServiceUrls:
     broker: EmbeddedBroker | None
     data_dir: Path
     wuzapi_url: str = ""
+    postgres: EmbeddedPostgres | None = None
 
 
 @dataclass
@@ -206,15 +207,19 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> lis
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer.force_metadata_update()  # type: ignore[no-untyped-call]
+        partitions: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while not partitions and time.monotonic() < deadline:
+            await consumer.topics()  # a metadata request, so the topic's partitions are known
             partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await asyncio.sleep(0.2)
+        if not partitions:
+            return []
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for items in batch.values():

@@ -1,0 +1,139 @@
+"""Named statements and the connection wrappers that run them: timed, and scoped to a company.
+
+A statement is a `Query` (not about one company: sessions, login, health), a `CompanyQuery`
+(`$1` is the company id) or a `UserQuery` (`$1` the company id, `$2` the user id). Only
+`ScopedDb`, built from the session user, runs the last two, and it supplies those leading
+parameters itself: a route cannot pass another company's id, nor forget to pass one.
+Every statement is timed under its name; one over the slow-query threshold is logged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+from asyncpg.transaction import Transaction
+
+from api.errors import DatabaseUnavailable
+from api.metrics import QUERY_SECONDS, SLOW_QUERIES
+from infra.logging import get_logger
+
+log = get_logger("api.db")
+
+T = TypeVar("T")
+
+# What a lost, refused or hung database looks like to asyncpg: a 503, not a 500.
+DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A statement about no particular company."""
+
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyQuery:
+    """A statement whose `$1` is the session user's company id."""
+
+    name: str
+    sql: str
+
+    def __post_init__(self) -> None:
+        if "company_id = $1" not in self.sql:
+            raise ValueError(f"{self.name}: a company query must filter on company_id = $1")
+
+
+@dataclass(frozen=True, slots=True)
+class UserQuery:
+    """A statement whose `$1` is the session user's company id and `$2` the user's id."""
+
+    name: str
+    sql: str
+
+    def __post_init__(self) -> None:
+        if "company_id = $1" not in self.sql or "user_id = $2" not in self.sql:
+            raise ValueError(f"{self.name}: a user query must filter on company_id = $1 and user_id = $2")
+
+
+class Db:
+    """One pooled connection for one request: every statement named, timed, and mapped to 503
+    when the database is down."""
+
+    def __init__(self, conn: asyncpg.Connection, *, slow_ms: float) -> None:
+        self._conn = conn
+        self._slow_ms = slow_ms
+
+    async def _run(self, query: Query, call: Callable[[], Awaitable[T]]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call()
+        except DB_DOWN_ERRORS as exc:
+            log.warning("db.unavailable", query=query.name, error=f"{type(exc).__name__}: {exc}")
+            raise DatabaseUnavailable() from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            QUERY_SECONDS.labels(query.name).observe(elapsed)
+            if elapsed * 1000 >= self._slow_ms:
+                SLOW_QUERIES.labels(query.name).inc()
+                log.warning("db.slow_query", query=query.name, ms=round(elapsed * 1000, 2))
+
+    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+        return await self._run(query, lambda: self._conn.fetch(query.sql, *args))
+
+    async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+        return await self._run(query, lambda: self._conn.fetchrow(query.sql, *args))
+
+    async def fetchval(self, query: Query, *args: Any) -> Any:
+        return await self._run(query, lambda: self._conn.fetchval(query.sql, *args))
+
+    async def execute(self, query: Query, *args: Any) -> str:
+        return await self._run(query, lambda: self._conn.execute(query.sql, *args))
+
+    def transaction(self) -> Transaction:
+        return self._conn.transaction()
+
+
+class ScopedDb:
+    """The request's connection bound to the session user: runs company and user queries only."""
+
+    def __init__(self, db: Db, *, company_id: int, user_id: int) -> None:
+        self._db = db
+        self.company_id = company_id
+        self.user_id = user_id
+
+    def _bind(self, query: CompanyQuery | UserQuery, args: tuple[Any, ...]) -> tuple[Query, tuple[Any, ...]]:
+        if isinstance(query, UserQuery):
+            return Query(query.name, query.sql), (self.company_id, self.user_id, *args)
+        return Query(query.name, query.sql), (self.company_id, *args)
+
+    async def fetch(self, query: CompanyQuery | UserQuery, *args: Any) -> list[asyncpg.Record]:
+        plain, bound = self._bind(query, args)
+        return await self._db.fetch(plain, *bound)
+
+    async def fetchrow(self, query: CompanyQuery | UserQuery, *args: Any) -> asyncpg.Record | None:
+        plain, bound = self._bind(query, args)
+        return await self._db.fetchrow(plain, *bound)
+
+    async def fetchval(self, query: CompanyQuery | UserQuery, *args: Any) -> Any:
+        plain, bound = self._bind(query, args)
+        return await self._db.fetchval(plain, *bound)
+
+    async def execute(self, query: CompanyQuery | UserQuery, *args: Any) -> str:
+        plain, bound = self._bind(query, args)
+        return await self._db.execute(plain, *bound)
+
+    def transaction(self) -> Transaction:
+        return self._db.transaction()

@@ -1,0 +1,107 @@
+"""Typed FastAPI dependencies: the service, the request's connection, the session user, and the
+database scoped to that user's company.
+
+Routes take `Scoped` for everything tenant-owned: it runs only company and user queries, with
+the company id (and user id) supplied from the session, so the scope cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Query, Request, Response
+
+from api.cursor import START, CursorCodec, Position, Scope
+from api.db import DB_DOWN_ERRORS, Db, ScopedDb
+from api.errors import DatabaseUnavailable, NotAuthenticated
+from api.service import ApiService
+from api.sessions import SessionUser
+from infra.logging import get_logger
+
+log = get_logger("api.deps")
+
+PAGE_DEFAULT = 20
+PAGE_MAX = 50
+
+
+def get_service(request: Request) -> ApiService:
+    service: ApiService = request.app.state.service
+    return service
+
+
+Service = Annotated[ApiService, Depends(get_service)]
+
+
+async def get_db(service: Service) -> AsyncIterator[Db]:
+    """One pooled connection for the request; a database that is down is a 503."""
+    pool = service.pool
+    try:
+        conn = await pool.acquire(timeout=service.settings.api_db_timeout_s)
+    except DB_DOWN_ERRORS as exc:
+        log.warning("db.acquire_failed", error=f"{type(exc).__name__}: {exc}")
+        raise DatabaseUnavailable() from exc
+    try:
+        yield Db(conn, slow_ms=service.settings.slow_query_ms)
+    finally:
+        await pool.release(conn)
+
+
+Conn = Annotated[Db, Depends(get_db)]
+
+
+async def current_user(request: Request, response: Response, db: Conn, service: Service) -> SessionUser:
+    """The user of the request's session, or a 401 that says why. Never a fallback user."""
+    sessions = service.sessions
+    cookie = request.cookies.get(sessions.cookie_name)
+    if not cookie:
+        raise NotAuthenticated("not_authenticated", "no session cookie: log in first")
+    sid = sessions.unsign(cookie)
+    if sid is None:
+        raise NotAuthenticated("invalid_session", "the session cookie is not valid: log in again")
+    user = await sessions.load(db, sid)
+    if user is None:
+        raise NotAuthenticated("session_expired", "the session has expired or was closed: log in again")
+    if user.touched:
+        # Rolling expiry: the browser's copy of the cookie lives as long as the row now does.
+        sessions.set_cookie(response, sid)
+    structlog.contextvars.bind_contextvars(user_id=user.id, company_id=user.company_id)
+    return user
+
+
+CurrentUser = Annotated[SessionUser, Depends(current_user)]
+
+
+async def scoped_db(db: Conn, user: CurrentUser) -> ScopedDb:
+    return ScopedDb(db, company_id=user.company_id, user_id=user.id)
+
+
+Scoped = Annotated[ScopedDb, Depends(scoped_db)]
+
+
+class Page:
+    """`limit` (capped at 50) and `cursor` of a keyset list, decoded against the list's scope."""
+
+    def __init__(
+        self,
+        service: Service,
+        limit: Annotated[
+            int, Query(ge=1, description=f"Rows per page (default {PAGE_DEFAULT}, max {PAGE_MAX}).")
+        ] = PAGE_DEFAULT,
+        cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    ) -> None:
+        self.limit = min(limit, PAGE_MAX)
+        self.cursor = cursor
+        self._codec: CursorCodec = service.cursors
+
+    def start(self, kind: str, scope: Scope) -> Position:
+        if self.cursor is None:
+            return Position(*START)
+        return self._codec.decode(self.cursor, kind, scope)
+
+    def next_cursor(self, kind: str, scope: Scope, last: Position | None) -> str | None:
+        return None if last is None else self._codec.encode(kind, scope, last)
+
+
+Paging = Annotated[Page, Depends(Page)]

@@ -1,0 +1,1 @@
+"""The read API's routes, one small module per resource."""

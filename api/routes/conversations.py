@@ -1,0 +1,186 @@
+"""Conversations of the session user's company, their messages, and agent replies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Path, Query, status
+
+from api.cursor import Position
+from api.deps import CurrentUser, Paging, Scoped, Service
+from api.errors import ApiError, NotFound
+from api.metrics import REPLIES
+from api.models import (
+    ContactOut,
+    ConversationOut,
+    ConversationPage,
+    ConversationStatus,
+    MessageOut,
+    MessagePage,
+    ReplyIn,
+    StatusCounts,
+)
+from api.queries import (
+    CONVERSATION_COUNTS,
+    CONVERSATION_EXISTS,
+    GET_CONVERSATION,
+    LIST_CONVERSATIONS,
+    LIST_CONVERSATIONS_BY_STATUS,
+    LIST_MESSAGES,
+    REPLY_BUMP_CONVERSATION,
+    REPLY_EXISTING,
+    REPLY_INSERT,
+    REPLY_TARGET,
+)
+from infra.kafka import BrokerUnavailable
+from infra.logging import get_logger
+from infra.topics import WUZAPI_OUTBOUND
+from schemas.outbound import OutboundMessage
+
+log = get_logger("api.conversations")
+
+router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+
+PREVIEW_MAX = 200
+ConversationId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+def conversation_out(row: asyncpg.Record) -> ConversationOut:
+    return ConversationOut(
+        id=row["id"],
+        status=row["status"],
+        channel=row["channel"],
+        contact=ContactOut(id=row["contact_id"], phone_number=row["phone_number"], name=row["contact_name"]),
+        last_message_at=row["last_message_at"],
+        last_message_preview=row["last_message_preview"],
+        unread_count=row["unread_count"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def message_out(row: asyncpg.Record) -> MessageOut:
+    return MessageOut(**dict(row))
+
+
+def _last(rows: list[asyncpg.Record], limit: int) -> Position | None:
+    """Where the next page starts, if there is one (we fetch one row more than a page)."""
+    if len(rows) <= limit:
+        return None
+    return Position(rows[limit - 1]["created_at"], rows[limit - 1]["id"])
+
+
+@router.get("")
+async def list_conversations(
+    db: Scoped,
+    page: Paging,
+    status_: Annotated[ConversationStatus | None, Query(alias="status")] = None,
+) -> ConversationPage:
+    """Conversations, newest first (by creation: paging never repeats or skips one)."""
+    scope = (db.company_id, status_)
+    start = page.start("conversations", scope)
+    if status_ is None:
+        rows = await db.fetch(LIST_CONVERSATIONS, start.at, start.id, page.limit + 1)
+    else:
+        rows = await db.fetch(LIST_CONVERSATIONS_BY_STATUS, start.at, start.id, status_, page.limit + 1)
+    return ConversationPage(
+        items=[conversation_out(r) for r in rows[: page.limit]],
+        next_cursor=page.next_cursor("conversations", scope, _last(rows, page.limit)),
+    )
+
+
+@router.get("/counts")
+async def status_counts(db: Scoped) -> StatusCounts:
+    """How many conversations are in each status."""
+    counts: dict[str, Any] = {r["status"]: r["n"] for r in await db.fetch(CONVERSATION_COUNTS)}
+    return StatusCounts(**counts, total=sum(counts.values()))
+
+
+@router.get("/{conversation_id}")
+async def get_conversation(conversation_id: ConversationId, db: Scoped) -> ConversationOut:
+    row = await db.fetchrow(GET_CONVERSATION, conversation_id)
+    if row is None:
+        raise NotFound("conversation")
+    return conversation_out(row)
+
+
+@router.get("/{conversation_id}/messages")
+async def list_messages(conversation_id: ConversationId, db: Scoped, page: Paging) -> MessagePage:
+    """The conversation's messages, newest first."""
+    if not await db.fetchval(CONVERSATION_EXISTS, conversation_id):
+        raise NotFound("conversation")
+    scope = (db.company_id, conversation_id)
+    start = page.start("messages", scope)
+    rows = await db.fetch(LIST_MESSAGES, conversation_id, start.at, start.id, page.limit + 1)
+    return MessagePage(
+        items=[message_out(r) for r in rows[: page.limit]],
+        next_cursor=page.next_cursor("messages", scope, _last(rows, page.limit)),
+    )
+
+
+@router.post("/{conversation_id}/messages", status_code=status.HTTP_202_ACCEPTED)
+async def reply(
+    conversation_id: ConversationId, body: ReplyIn, db: Scoped, user: CurrentUser, service: Service
+) -> MessageOut:
+    """Send a text reply: stored at once as `pending`, then queued on `wuzapi.outbound` (202).
+
+    503 `broker_unavailable` means it was stored but not queued: retry with the same `id`.
+    """
+    outbound_id = body.id or uuid.uuid4().hex
+    queue = True
+    async with db.transaction():
+        target = await db.fetchrow(REPLY_TARGET, conversation_id)
+        if target is None:
+            raise NotFound("conversation")
+        if target["channel"] != "whatsapp":
+            raise ApiError(
+                409, "unsupported_channel", f"replies go out through WhatsApp, not {target['channel']}"
+            )
+        content = {"origin": "agent", "user_id": user.id}
+        row = await db.fetchrow(REPLY_INSERT, conversation_id, outbound_id, body.text, content)
+        if row is None:
+            # A retry with the same id finds its row: queued again only while still pending
+            # (the record may never have reached the broker); past that, it was sent.
+            row = await db.fetchrow(REPLY_EXISTING, outbound_id)
+            if row is None or row["conversation_id"] != conversation_id or row["body"] != body.text:
+                raise ApiError(409, "id_in_use", "that id belongs to another message")
+            queue = row["status"] == "pending"
+        else:
+            preview = body.text if len(body.text) <= PREVIEW_MAX else body.text[: PREVIEW_MAX - 1] + "\u2026"
+            await db.execute(REPLY_BUMP_CONVERSATION, conversation_id, row["id"], row["sent_at"], preview)
+    if not queue:
+        return message_out(row)
+    record = OutboundMessage(
+        id=outbound_id,
+        tenant=target["slug"],
+        company_id=user.company_id,
+        conversation_id=conversation_id,
+        to=target["phone_number"],
+        kind="text",
+        origin="agent",
+        created_at_ms=int(time.time() * 1000),
+        text=body.text,
+        user_id=user.id,
+    )
+    try:
+        await service.producer.send_all(
+            WUZAPI_OUTBOUND, [(record.key, record.to_bytes())], timeout_s=service.settings.produce_timeout_s
+        )
+    except BrokerUnavailable as exc:
+        # The pending row stays (the agent sees it). It is not lost work: a retry with the same
+        # id queues it, and a record that timed out here but landed anyway is sent once by id.
+        REPLIES.labels("broker_unavailable").inc()
+        log.warning(
+            "reply.broker_unavailable", conversation_id=conversation_id, id=outbound_id, error=str(exc)
+        )
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            f"the reply is saved as pending but not queued; retry with id {outbound_id}",
+        ) from None
+    REPLIES.labels("queued").inc()
+    log.info("reply.queued", conversation_id=conversation_id, id=outbound_id)
+    return message_out(row)

@@ -1,0 +1,95 @@
+"""What the API's routes need, with an explicit lifecycle (started and stopped by the lifespan).
+
+Start-up touches Postgres only (a small pool); the broker clients start lazily (the producer at
+the first reply, the readiness monitor in the background), so the API starts in well under a
+second and keeps serving sessions and reads while the broker is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from api.cursor import CursorCodec
+from api.readiness import Readiness
+from api.sessions import Sessions, derive_key, load_session_secret
+from infra.db import create_pool
+from infra.kafka import DurableProducer
+from infra.logging import get_logger
+from infra.settings import Settings
+from infra.topics import declare_topics
+
+log = get_logger("api")
+
+
+class ApiService:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.database_url and settings.kafka_bootstrap
+        self.settings = settings
+        secret = load_session_secret(settings)
+        self.sessions = Sessions(settings, secret)
+        self.cursors = CursorCodec(derive_key(secret, "cursor"))
+        self._pool: asyncpg.Pool | None = None
+        bootstrap = settings.kafka_bootstrap
+
+        async def prepare() -> None:
+            # The embedded broker may come back empty: declare before (re)starting the producer.
+            await declare_topics(
+                bootstrap, partitions=settings.topic_partitions, replication=settings.topic_replication
+            )
+
+        self.producer = DurableProducer(
+            bootstrap,
+            linger_ms=settings.producer_linger_ms,
+            request_timeout_ms=int(settings.produce_timeout_s * 1000),
+            prepare=prepare,
+        )
+        self.readiness = Readiness(settings, self._get_pool, prepare=prepare)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _get_pool(self) -> asyncpg.Pool | None:
+        return self._pool
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "ApiService is not started"
+        return self._pool
+
+    async def start(self) -> None:
+        assert self.settings.database_url
+        self._pool = await create_pool(
+            self.settings.database_url,
+            min_size=self.settings.db_pool_min,
+            max_size=self.settings.db_pool_max,
+            command_timeout=self.settings.api_db_timeout_s,
+        )
+        self._tasks.append(
+            asyncio.create_task(
+                self.sessions.prune_forever(
+                    self._pool,
+                    interval_s=self.settings.session_prune_interval_s,
+                    slow_ms=self.settings.slow_query_ms,
+                ),
+                name="session-prune",
+            )
+        )
+        self.readiness.start()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task, result in zip(self._tasks, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("api.task_failed", task=task.get_name(), exc_info=result)
+        self._tasks.clear()
+        await self.readiness.stop()
+        await self.producer.stop()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except TimeoutError:
+                log.warning("api.pool_close_timeout")
+                pool.terminate()

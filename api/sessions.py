@@ -1,0 +1,192 @@
+"""Server-side sessions in Postgres (`user_sessions`), and the signed cookie that names one.
+
+The cookie holds a random sid and its HMAC under a key derived from `session_secret`, so a
+forged or altered cookie is refused before any query. The row holds who the user is; it is
+judged expired by the database clock, renewed on use (rolling), and deleted at logout. A new
+sid is issued at every login (no fixation), and one pruning job per process deletes expired
+rows at a jittered interval. Nothing lives in process memory, so sessions survive restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from fastapi import Response
+
+from api.db import DB_DOWN_ERRORS, Db
+from api.errors import DatabaseUnavailable
+from api.metrics import SESSIONS_PRUNED
+from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PRUNE
+from infra.logging import get_logger
+from infra.settings import Settings
+
+log = get_logger("api.sessions")
+
+SESSION_KEY_FILE = "session.key"
+PRUNE_BATCH = 1000
+_PRUNE_DOWN_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailable, *DB_DOWN_ERRORS)
+
+
+class SessionSecretMissing(RuntimeError):
+    """Production without CORTEXX_SESSION_SECRET, or with one too short to sign anything."""
+
+
+def load_session_secret(settings: Settings) -> bytes:
+    """The configured secret; in development, one generated once and kept under data_dir."""
+    if settings.session_secret is not None:
+        secret = settings.session_secret.get_secret_value().encode()
+        if settings.env == "production" and len(secret) < 32:
+            raise SessionSecretMissing("CORTEXX_SESSION_SECRET must be at least 32 characters")
+        return secret
+    if settings.env == "production":
+        raise SessionSecretMissing("production needs CORTEXX_SESSION_SECRET")
+    return _persisted_key(settings.data_dir / SESSION_KEY_FILE)
+
+
+def _persisted_key(path: Path) -> bytes:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        # link() fails if another process won the race: every process then reads the same key.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise SessionSecretMissing(f"{path} holds no usable key; delete it to have one generated")
+    return key.encode()
+
+
+def derive_key(secret: bytes, purpose: str) -> bytes:
+    """One key per use (cookies, cursors), so a value signed for one is worthless to the other."""
+    return hmac.new(secret, f"cortexx:{purpose}".encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUser:
+    """Who the request is from; the company scope of every query comes from here."""
+
+    sid: str
+    id: int
+    company_id: int
+    company_slug: str
+    company_name: str
+    email: str
+    name: str
+    role: str
+    expire: datetime
+    touched: bool
+
+
+class Sessions:
+    def __init__(self, settings: Settings, secret: bytes) -> None:
+        self.cookie_name = settings.session_cookie_name
+        self.ttl_s = settings.session_ttl_s
+        self.touch_s = min(settings.session_touch_s, settings.session_ttl_s)
+        self.secure = (
+            settings.session_cookie_secure
+            if settings.session_cookie_secure is not None
+            else settings.env != "development"
+        )
+        self._key = derive_key(secret, "session-cookie")
+
+    # The cookie.
+
+    def _mac(self, sid: str) -> str:
+        digest = hmac.new(self._key, sid.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def sign(self, sid: str) -> str:
+        return f"{sid}.{self._mac(sid)}"
+
+    def unsign(self, cookie: str) -> str | None:
+        """The sid of a cookie we issued, or None for anything forged, altered or malformed."""
+        sid, dot, mac = cookie.partition(".")
+        if not dot or not sid or len(cookie) > 200:
+            return None
+        return sid if hmac.compare_digest(mac.encode(), self._mac(sid).encode()) else None
+
+    def set_cookie(self, response: Response, sid: str) -> None:
+        response.set_cookie(
+            self.cookie_name,
+            self.sign(sid),
+            max_age=int(self.ttl_s),
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=self.secure,
+        )
+
+    def clear_cookie(self, response: Response) -> None:
+        response.delete_cookie(self.cookie_name, path="/", httponly=True, samesite="lax", secure=self.secure)
+
+    # The row.
+
+    async def create(self, db: Db, *, user_id: int, company_id: int, meta: dict[str, Any]) -> str:
+        sid = secrets.token_urlsafe(32)
+        sess = {"user_id": user_id, "company_id": company_id, **meta}
+        await db.fetchval(SESSION_CREATE, sid, sess, self.ttl_s)
+        return sid
+
+    async def load(self, db: Db, sid: str) -> SessionUser | None:
+        """The session's user if the session exists and has not expired; renews it when due."""
+        row = await db.fetchrow(SESSION_LOAD, sid, self.ttl_s, self.touch_s)
+        if row is None:
+            return None
+        return SessionUser(
+            sid=sid,
+            id=row["id"],
+            company_id=row["company_id"],
+            company_slug=row["company_slug"],
+            company_name=row["company_name"],
+            email=row["email"],
+            name=row["name"],
+            role=row["role"],
+            expire=row["expire"],
+            touched=row["touched"],
+        )
+
+    async def delete(self, db: Db, sid: str) -> None:
+        await db.execute(SESSION_DELETE, sid)
+
+    # Pruning.
+
+    async def prune(self, db: Db) -> int:
+        total = 0
+        while True:
+            status = await db.execute(SESSION_PRUNE, PRUNE_BATCH)
+            deleted = int(status.rsplit(" ", 1)[-1])
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
+    async def prune_forever(self, pool: asyncpg.Pool, *, interval_s: float, slow_ms: float) -> None:
+        """One job per process. The jitter keeps replicas that started together from pruning together."""
+        while True:
+            await asyncio.sleep(interval_s * random.uniform(0.5, 1.5))
+            try:
+                async with pool.acquire(timeout=interval_s) as conn:
+                    deleted = await self.prune(Db(conn, slow_ms=slow_ms))
+            except _PRUNE_DOWN_ERRORS as exc:
+                log.warning("session.prune_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            except asyncpg.PostgresError as exc:
+                log.error("session.prune_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if deleted:
+                SESSIONS_PRUNED.inc(deleted)
+                log.info("session.pruned", sessions=deleted)

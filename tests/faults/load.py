@@ -1,0 +1,95 @@
+"""A bounded webhook load against a real ingest: unique request ids, every answer recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.tenants import Tenant
+
+
+def webhook(sender: str, n: int) -> tuple[bytes, str]:
+    wamid = f"wamid.{uuid.uuid4().hex}"
+    envelope = wa_envelope(
+        [
+            wa_change(
+                phone_number_id="1065",
+                display_phone_number="15550001",
+                contacts=[(sender, "Load")],
+                messages=[wa_message("text", wamid=wamid, from_=sender, timestamp=1750000000 + n)],
+            )
+        ],
+        waba_id="1022",
+    )
+    return orjson.dumps(envelope), wamid
+
+
+@dataclass
+class LoadResult:
+    codes: Counter[int] = field(default_factory=Counter)
+    accepted: dict[str, str] = field(default_factory=dict)  # request id -> wamid of a 200
+    refused: set[str] = field(default_factory=set)
+    sent: int = 0
+
+
+async def run_load(
+    url: str,
+    tenant: Tenant,
+    *,
+    concurrency: int,
+    total: int | None = None,
+    duration_s: float | None = None,
+    stop: asyncio.Event | None = None,
+    contacts: int = 50,
+    pause_s: float = 0.0,
+) -> LoadResult:
+    """POST signed webhooks until `total` are sent, `duration_s` passes or `stop` is set.
+    A connection error counts as code 0 (nothing was promised)."""
+    result = LoadResult()
+    counter = itertools.count()
+    deadline = time.monotonic() + duration_s if duration_s else None
+    endpoint = f"{url}/webhooks/meta/{tenant.slug}"
+
+    async def one(client: httpx.AsyncClient) -> None:
+        while True:
+            n = next(counter)
+            if (
+                (total is not None and n >= total)
+                or (deadline and time.monotonic() > deadline)
+                or (stop is not None and stop.is_set())
+            ):
+                return
+            body, wamid = webhook(f"4917{n % contacts:08d}", n)
+            request_id = uuid.uuid4().hex
+            result.sent += 1
+            try:
+                response = await client.post(
+                    endpoint,
+                    content=body,
+                    headers={
+                        "X-Hub-Signature-256": sign(body, tenant.app_secret),
+                        "X-Request-Id": request_id,
+                    },
+                )
+                code = response.status_code
+            except httpx.TransportError:
+                code = 0
+            result.codes[code] += 1
+            if code == 200:
+                result.accepted[request_id] = wamid
+            else:
+                result.refused.add(request_id)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+    return result
