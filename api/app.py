@@ -119,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Cortexx read API",
         version="1",
+        redirect_slashes=False,  # a trailing slash is an unknown route (JSON 404), not a redirect
         description="Sessions, conversations, replies and notifications for the agents' web app. "
         'Every error is `{"error": code, "detail": message}`.',
         lifespan=lifespan,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -49,7 +51,28 @@ class Lifecycle:
         # Writes to a closed pipe raise BrokenPipeError (handled by the log handler) instead of
         # killing the process silently: Python ignores SIGPIPE by default; keep it that way.
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self._watch_stdout()
         self.installed = True
+
+    def _watch_stdout(self) -> None:
+        """Notice a closed stdout pipe even when the process has nothing to write just then."""
+        try:
+            mode = os.fstat(1).st_mode
+        except OSError:
+            return
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return
+
+        def watch() -> None:
+            poller = select.poll()
+            # No events asked for: poll still reports POLLERR / POLLHUP, i.e. the reader is gone.
+            poller.register(1, 0)
+            while not self.stop_requested.is_set():
+                if poller.poll(1000):
+                    self.request_stop("stdout closed (EPIPE)")
+                    return
+
+        threading.Thread(target=watch, name="stdout-watch", daemon=True).start()
 
     def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Route the loop's unhandled task errors to the log, and signals' stops to this loop."""

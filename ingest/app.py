@@ -158,7 +158,15 @@ def create_app(settings: Settings) -> FastAPI:
             await service.stop()
             log.info("ingest.stopped")
 
-    app = FastAPI(title="Cortexx ingest", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Cortexx ingest",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        # A path with a trailing slash is an unknown route (a JSON 404), not a redirect.
+        redirect_slashes=False,
+    )
     app.state.service = service
 
     @app.exception_handler(IngestError)

@@ -50,9 +50,11 @@ async def run_load(
     stop: asyncio.Event | None = None,
     contacts: int = 50,
     pause_s: float = 0.0,
+    retries: int = 0,
 ) -> LoadResult:
     """POST signed webhooks until `total` are sent, `duration_s` passes or `stop` is set.
-    A connection error counts as code 0 (nothing was promised)."""
+    A connection error counts as code 0 (nothing was promised). With `retries`, a 503 or a
+    connection error is retried with the same body, as Meta does."""
     result = LoadResult()
     counter = itertools.count()
     deadline = time.monotonic() + duration_s if duration_s else None
@@ -70,18 +72,15 @@ async def run_load(
             body, wamid = webhook(f"4917{n % contacts:08d}", n)
             request_id = uuid.uuid4().hex
             result.sent += 1
-            try:
-                response = await client.post(
-                    endpoint,
-                    content=body,
-                    headers={
-                        "X-Hub-Signature-256": sign(body, tenant.app_secret),
-                        "X-Request-Id": request_id,
-                    },
-                )
-                code = response.status_code
-            except httpx.TransportError:
-                code = 0
+            headers = {"X-Hub-Signature-256": sign(body, tenant.app_secret), "X-Request-Id": request_id}
+            for attempt in range(retries + 1):
+                try:
+                    code = (await client.post(endpoint, content=body, headers=headers)).status_code
+                except httpx.TransportError:
+                    code = 0
+                if code not in (0, 503) or attempt == retries:
+                    break
+                await asyncio.sleep(0.2 * 2**attempt)
             result.codes[code] += 1
             if code == 200:
                 result.accepted[request_id] = wamid

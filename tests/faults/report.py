@@ -15,4 +15,4 @@ def record(fault: str, **figures: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     line = {"fault": fault, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}
     with open(ARTIFACTS / "reliability.jsonl", "ab") as out:
-        out.write(orjson.dumps(line) + b"\n")
+        out.write(orjson.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n")

@@ -1,0 +1,181 @@
+"""The worker under faults: killed again and again, Postgres stopped mid-stream, stdout closed.
+Afterwards every message is in Postgres exactly once and no auto-reply was sent twice."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from infra.tenants import Tenant
+from tests.faults.load import run_load
+from tests.faults.report import record
+from tests.support import CortexxProcess, ServiceUrls, Simulator, wait_until
+
+pytestmark = pytest.mark.usefixtures("wuzapi")
+
+
+async def _stored(db: asyncpg.Connection, tenant: Tenant) -> int:
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM messages WHERE company_id = $1 AND direction = 'inbound'", tenant.id
+        )
+    )
+
+
+async def _check_exactly_once(db: asyncpg.Connection, tenant: Tenant, wamids: set[str]) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT external_id, count(*) AS n FROM messages WHERE company_id = $1 AND direction = 'inbound' "
+        "GROUP BY external_id",
+        tenant.id,
+    )
+    found = {r["external_id"]: r["n"] for r in rows}
+    return {
+        "lost": len(wamids - set(found)),
+        "duplicated": sum(1 for n in found.values() if n > 1),
+        "stored": len(set(found) & wamids),
+    }
+
+
+async def test_worker_killed_5_times_during_5000_webhooks(
+    services: ServiceUrls, ingest: CortexxProcess, db: asyncpg.Connection, tenant: Tenant, wuzapi: Simulator
+):
+    await db.execute(
+        "UPDATE companies SET welcome_message = 'Hello from Test Co', rate_limit_per_s = 1000, "
+        "rate_limit_burst = 1000 WHERE id = $1",
+        tenant.id,
+    )
+    worker = CortexxProcess.worker(services, company_cache_ttl_s=0.5)
+    worker.log_path = services.data_dir / "worker-kill9.log"
+    worker.start()
+    try:
+        load = asyncio.create_task(
+            run_load(ingest.url, tenant, concurrency=16, total=5000, contacts=200, retries=5)
+        )
+        kills = 0
+        while kills < 5:
+            await asyncio.sleep(1.5)
+            worker.kill()
+            kills += 1
+            worker.start()
+        result = await load
+        assert result.codes == {200: 5000}, result.codes
+        wamids = set(result.accepted.values())
+        await wait_until(
+            lambda: _all_stored(db, tenant, 5000), timeout_s=180, interval_s=1, what="5000 stored"
+        )
+        figures = await _check_exactly_once(db, tenant, wamids)
+        assert figures == {"lost": 0, "duplicated": 0, "stored": 5000}
+
+        # One welcome per conversation (200 contacts), each sent once.
+        async def welcomed() -> list[str] | None:
+            ledger = (await wuzapi.ledger())["deliveries"]
+            mine = [
+                d
+                for d in ledger.values()
+                if d["body"] == "Hello from Test Co" and d["phone"].startswith("4917")
+            ]
+            return mine if len(mine) >= 200 else None
+
+        deliveries = await wait_until(welcomed, timeout_s=60, what="200 welcomes")
+        phones = [d["phone"] for d in deliveries]
+        assert len(phones) == len(set(phones)) == 200
+        assert all(d["accepted"] == 1 for d in deliveries)
+        record(
+            "worker kill -9 five times during 5,000 webhooks",
+            sent=result.sent,
+            acknowledged=result.codes[200],
+            stored=figures["stored"],
+            duplicated=figures["duplicated"],
+            lost=figures["lost"],
+            auto_replies_sent=len(phones),
+            auto_replies_twice=len(phones) - len(set(phones)),
+        )
+    finally:
+        worker.stop()
+
+
+async def _all_stored(db, tenant, n):
+    return await _stored(db, tenant) >= n
+
+
+async def test_postgres_stopped_10s_mid_stream_worker_resumes_by_itself(
+    services: ServiceUrls, ingest: CortexxProcess, worker: CortexxProcess, db, tenant: Tenant
+):
+    if services.postgres is None:
+        pytest.skip("Postgres is given by URL; only the embedded one can be stopped here")
+    first = await run_load(ingest.url, tenant, concurrency=8, total=300)
+    await wait_until(lambda: _all_stored(db, tenant, 300), what="first 300 stored")
+    await db.close()
+    services.postgres.stop()
+    try:
+        # Ingest keeps accepting webhooks for tenants it has cached; the worker waits for Postgres.
+        during = await run_load(ingest.url, tenant, concurrency=8, duration_s=10.0)
+    finally:
+        services.postgres.start()
+    from infra.db import connect
+
+    conn = await connect(services.database_url)
+    try:
+        after = await run_load(ingest.url, tenant, concurrency=8, total=300)
+        accepted = set(first.accepted.values()) | set(during.accepted.values()) | set(after.accepted.values())
+        await wait_until(
+            lambda: _all_stored(conn, tenant, len(accepted)),
+            timeout_s=90,
+            interval_s=1,
+            what="every accepted webhook stored",
+        )
+        figures = await _check_exactly_once(conn, tenant, accepted)
+        assert figures["lost"] == 0 and figures["duplicated"] == 0
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker must not have died"
+        assert set(during.codes) <= {200, 503}, during.codes
+        record(
+            "Postgres stopped for 10 s mid-stream",
+            sent=first.sent + during.sent + after.sent,
+            acknowledged=len(accepted),
+            acknowledged_during_outage=during.codes[200],
+            refused_503_during_outage=during.codes[503],
+            **figures,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_worker_stdout_closed_exits_0_and_loses_nothing(
+    services: ServiceUrls, ingest: CortexxProcess, worker: CortexxProcess, db, tenant: Tenant
+):
+    probe = CortexxProcess.worker(services)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - one start; the test then waits on it in a thread
+        [sys.executable, "-m", "cli.main", "worker"],
+        env=probe.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        load = asyncio.create_task(run_load(ingest.url, tenant, concurrency=8, duration_s=6.0))
+        await asyncio.to_thread(proc.stdout.readline)
+        await asyncio.sleep(2)
+        proc.stdout.close()
+        code = await asyncio.to_thread(proc.wait, 60)
+        result = await load
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    # Whatever it had not committed, the session's worker (same group) now finishes.
+    accepted = set(result.accepted.values())
+    await wait_until(lambda: _all_stored(db, tenant, len(accepted)), timeout_s=90, what="all stored")
+    figures = await _check_exactly_once(db, tenant, accepted)
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    record(
+        "worker stdout closed under load",
+        sent=result.sent,
+        acknowledged=result.codes[200],
+        exit_code=code,
+        **figures,
+    )
