@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from api.users import PASSWORD_MAX
 
 ConversationStatus = Literal["open", "pending", "closed"]
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text cannot hold NUL: refuse it here as a 422, not as a database error later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class ErrorOut(BaseModel):
@@ -21,8 +31,8 @@ class ErrorOut(BaseModel):
 
 
 class LoginIn(BaseModel):
-    email: str = Field(min_length=3, max_length=320)
-    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
+    email: Text = Field(min_length=3, max_length=320)
+    password: Text = Field(min_length=1, max_length=PASSWORD_MAX)
 
 
 class CompanyOut(BaseModel):
@@ -94,7 +104,7 @@ class MessagePage(BaseModel):
 
 
 class ReplyIn(BaseModel):
-    text: str = Field(min_length=1, max_length=4096, description="The text to send (WhatsApp allows 4096).")
+    text: Text = Field(min_length=1, max_length=4096, description="The text to send (WhatsApp allows 4096).")
     id: str | None = Field(
         default=None,
         pattern=r"^[0-9a-f]{32}$",

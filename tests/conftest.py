@@ -79,6 +79,19 @@ def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
 
 
 @pytest.fixture(scope="session")
+def api(services: ServiceUrls) -> Iterator[CortexxProcess]:
+    """The read API as a real process."""
+    proc = CortexxProcess.api(
+        services, session_prune_interval_s=0.5, produce_timeout_s=2.0, broker_probe_interval_s=0.5
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
 def worker(services: ServiceUrls, wuzapi: Simulator) -> Iterator[CortexxProcess]:
     proc = CortexxProcess.worker(
         services, breaker_reset_s=1.0, wuzapi_timeout_s=1.0, wuzapi_backoff_max_s=1.0, company_cache_ttl_s=0.5

@@ -3,26 +3,13 @@ can check what one company sees of the other."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 
 from tests.api.world import World, new_company
-from tests.support import CortexxProcess, ServiceUrls
-
-
-@pytest.fixture(scope="session")
-def api(services: ServiceUrls) -> Iterator[CortexxProcess]:
-    proc = CortexxProcess.api(
-        services, session_prune_interval_s=0.5, produce_timeout_s=2.0, broker_probe_interval_s=0.5
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import asyncpg
+import httpx
 import pytest
 
 from infra.tenants import Tenant
+from tests.api.world import auth, login, new_company
 from tests.faults.load import run_load
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls, Simulator, wait_until
@@ -98,24 +100,49 @@ async def test_worker_killed_5_times_during_5000_webhooks(
         worker.stop()
 
 
+async def _api_back(api: CortexxProcess, cookie: str) -> bool:
+    return (await _api_statuses(api, cookie))[:2] == (200, 200)
+
+
 async def _all_stored(db, tenant, n):
     return await _stored(db, tenant) >= n
 
 
+async def _api_statuses(api: CortexxProcess, cookie: str) -> tuple[int, int, str]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        ready = await client.get(f"{api.url}/ready")
+        listed = await client.get(f"{api.url}/api/v1/conversations", headers=auth(cookie))
+    return ready.status_code, listed.status_code, ready.text
+
+
 async def test_postgres_stopped_10s_mid_stream_worker_resumes_by_itself(
-    services: ServiceUrls, ingest: CortexxProcess, worker: CortexxProcess, db, tenant: Tenant
+    services: ServiceUrls,
+    ingest: CortexxProcess,
+    worker: CortexxProcess,
+    api: CortexxProcess,
+    db,
+    tenant: Tenant,
 ):
     if services.postgres is None:
         pytest.skip("Postgres is given by URL; only the embedded one can be stopped here")
+    company = await new_company(db)
+    async with httpx.AsyncClient(timeout=10) as client:
+        cookie = await login(client, api, company.agent)
+    assert (await _api_statuses(api, cookie))[:2] == (200, 200)
     first = await run_load(ingest.url, tenant, concurrency=8, total=300)
     await wait_until(lambda: _all_stored(db, tenant, 300), what="first 300 stored")
     await db.close()
     services.postgres.stop()
     try:
         # Ingest keeps accepting webhooks for tenants it has cached; the worker waits for Postgres.
-        during = await run_load(ingest.url, tenant, concurrency=8, duration_s=10.0)
+        load = asyncio.create_task(run_load(ingest.url, tenant, concurrency=8, duration_s=10.0))
+        ready, listed, body = await _api_statuses(api, cookie)
+        assert (ready, listed) == (503, 503), body
+        assert "postgres" in body
+        during = await load
     finally:
         services.postgres.start()
+    await wait_until(lambda: _api_back(api, cookie), timeout_s=30, what="the API answering 200 again")
     from infra.db import connect
 
     conn = await connect(services.database_url)
