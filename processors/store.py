@@ -168,7 +168,12 @@ def _ts(value: Any) -> datetime:
         raise PoisonRecord(f"bad timestamp {value!r}") from exc
     if number > 1e11:  # milliseconds
         number /= 1000
-    return datetime.fromtimestamp(number, tz=UTC)
+    try:
+        return datetime.fromtimestamp(number, tz=UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        # Out of range or NaN. OSError here is EOVERFLOW from the C library, not an outage:
+        # left as it is, it would be retried as one forever and stall the partition.
+        raise PoisonRecord(f"timestamp out of range {value!r}") from exc
 
 
 def _clip(text: Any) -> str | None:
@@ -245,12 +250,17 @@ class Store:
 
     async def apply(self, record: WebhookRecord) -> None:
         company = await self.company(record.tenant)
-        if record.kind == "change" and record.object == WHATSAPP_OBJECT and record.field == "messages":
-            await self._whatsapp(company, record.payload)
-        elif record.kind == "messaging":
-            await self._messaging(company, record)
-        else:
-            await self._keep_event(company.id, record)
+        try:
+            if record.kind == "change" and record.object == WHATSAPP_OBJECT and record.field == "messages":
+                await self._whatsapp(company, record.payload)
+            elif record.kind == "messaging":
+                await self._messaging(company, record)
+            else:
+                await self._keep_event(company.id, record)
+        except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            # A payload of an unexpected shape (Meta keeps fields we do not check on the hot
+            # path): it cannot be stored as it is, retrying will not change that.
+            raise PoisonRecord(f"unexpected payload shape: {exc!r}") from exc
 
     async def _conversation(self, company_id: int, contact: str, channel: str, name: str | None) -> int:
         if not contact:

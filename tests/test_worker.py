@@ -238,6 +238,32 @@ async def test_poison_record_goes_to_dead_letters_and_the_partition_moves_on(
         await producer.send_and_wait(META_WEBHOOKS, b"\x00not json at all", key=key)
         bad_version = orjson.dumps({"v": 99, "tenant": tenant.slug})
         await producer.send_and_wait(META_WEBHOOKS, bad_version, key=key)
+        # Valid JSON and schema, but a timestamp no clock can hold: poison, not an outage.
+        overflow = _wa(
+            [
+                {
+                    "from": "4915550003333",
+                    "id": _wamid(),
+                    "timestamp": "9" * 20,
+                    "type": "text",
+                    "text": {"body": "x"},
+                }
+            ]
+        )
+        record = {
+            "v": 1,
+            "tenant": tenant.slug,
+            "object": "whatsapp_business_account",
+            "entry_id": "1",
+            "entry_time": None,
+            "kind": "change",
+            "field": "messages",
+            "payload": overflow["entry"][0]["changes"][0]["value"],
+            "request_id": "r",
+            "received_at_ms": 0,
+            "seq": 0,
+        }
+        await producer.send_and_wait(META_WEBHOOKS, orjson.dumps(record), key=key)
     finally:
         await producer.stop()
     sender = "4915550003333"
@@ -252,13 +278,14 @@ async def test_poison_record_goes_to_dead_letters_and_the_partition_moves_on(
             letter = DeadLetter.from_bytes(record.value)
             if letter.key == key:
                 found.append(letter)
-        return found if len(found) >= 2 else None
+        return found if len(found) >= 3 else None
 
-    found = await wait_until(letters, what="two dead letters")
+    found = await wait_until(letters, what="three dead letters")
     assert found[0].value == b"\x00not json at all"
     assert found[0].source_topic == META_WEBHOOKS
     assert found[0].error.type == "RecordError"
     assert "version" in found[1].error.message
+    assert found[2].error.type == "PoisonRecord" and "out of range" in found[2].error.message
 
 
 async def test_worker_killed_mid_stream_loses_and_doubles_nothing(

@@ -79,7 +79,7 @@ async def test_stdout_closed_under_load_exits_0_and_loses_nothing(services: Serv
         if proc.poll() is None:
             proc.kill()
     assert code == 0
-    assert result.codes[200] > 50
+    assert result.codes[200] > 10
     on_topic = await _on_topic(services.kafka_bootstrap)
     lost = set(result.accepted) - on_topic
     assert not lost
