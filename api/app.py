@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import ApiError, error_response
 from api.metrics import REQUEST_SECONDS, REQUESTS
 from api.models import ErrorOut
+from api.ops import routes as ops
 from api.routes import conversations, health, notifications, sessions
 from api.service import ApiService
 from infra.logging import get_logger
@@ -161,4 +162,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(conversations.router)
     app.include_router(notifications.router)
+    app.include_router(ops.api)
+    app.include_router(ops.pages)
     return app

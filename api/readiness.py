@@ -78,6 +78,7 @@ class BrokerSnapshot:
     lag: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    lag_partitions: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> lag
 
 
 def _describe(exc: BaseException) -> str:
@@ -179,6 +180,7 @@ class Readiness:
                     lag=self.snapshot.lag,
                     dead_letters=self.snapshot.dead_letters,
                     error=error,
+                    lag_partitions=self.snapshot.lag_partitions,
                 )
                 # Fresh clients after repeated failures, or when they never got started.
                 if failures >= 2 or not self._started:
@@ -216,9 +218,12 @@ class Readiness:
         sources = [tp for tp in tps if tp.topic in SOURCE_TOPICS]
         committed = await offsets.committed(self._settings.worker_app_id, sources)
         lag = dict.fromkeys(SOURCE_TOPICS, 0)
-        for tp in sources:
+        per_partition: dict[str, int] = {}
+        for tp in sorted(sources, key=lambda t: (t.topic, t.partition)):
             # Never committed: the group starts from the earliest offset, so everything is lag.
-            lag[tp.topic] += max(0, marks[tp] - (committed.get(tp) or 0))
+            behind = max(0, marks[tp] - (committed.get(tp) or 0))
+            lag[tp.topic] += behind
+            per_partition[f"{tp.topic}:{tp.partition}"] = behind
         dead = dict.fromkeys(DEAD_LETTER_TOPICS, 0)
         for tp in tps:
             if tp.topic in dead:
@@ -227,7 +232,9 @@ class Readiness:
             CONSUMER_LAG.labels(topic).set(n)
         for topic, n in dead.items():
             DEAD_LETTERS.labels(topic).set(n)
-        self.snapshot = BrokerSnapshot(at=time.monotonic(), lag=lag, dead_letters=dead, error=None)
+        self.snapshot = BrokerSnapshot(
+            at=time.monotonic(), lag=lag, dead_letters=dead, error=None, lag_partitions=per_partition
+        )
 
     # The answer.
 

@@ -12,6 +12,7 @@ import asyncio
 import asyncpg
 
 from api.cursor import CursorCodec
+from api.ops.console import OpsConsole
 from api.readiness import Readiness
 from api.sessions import Sessions, derive_key, load_session_secret
 from infra.db import create_pool
@@ -46,6 +47,7 @@ class ApiService:
             prepare=prepare,
         )
         self.readiness = Readiness(settings, self._get_pool, prepare=prepare)
+        self.ops = OpsConsole(settings, secret, lambda: self.readiness.snapshot)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _get_pool(self) -> asyncpg.Pool | None:
@@ -75,6 +77,7 @@ class ApiService:
             )
         )
         self.readiness.start()
+        self.ops.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -84,6 +87,7 @@ class ApiService:
             if isinstance(result, Exception):
                 log.error("api.task_failed", task=task.get_name(), exc_info=result)
         self._tasks.clear()
+        await self.ops.stop()
         await self.readiness.stop()
         await self.producer.stop()
         if self._pool is not None:

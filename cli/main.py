@@ -191,6 +191,10 @@ from cli.api_commands import register as register_api_commands  # noqa: E402
 
 register_api_commands(app)
 
+from cli.bench_commands import register as register_bench_commands  # noqa: E402
+
+register_bench_commands(app)
+
 
 def main() -> None:
     app()

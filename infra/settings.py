@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9101, ge=0)  # 0: no metrics endpoint
     wuzapi_sim_port: int = 8090
 
+    # Operators' console. None: the local process on its configured port.
+    ingest_metrics_url: str | None = None
+    worker_metrics_url: str | None = None
+    ops_scrape_interval_s: float = Field(default=2.0, gt=0)  # the overview's resolution
+    ops_history_s: float = Field(default=900.0, gt=0)  # kept in memory: the chart's 15 minutes
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env == "production":
@@ -115,6 +121,16 @@ class Settings(BaseSettings):
     @property
     def uses_embedded(self) -> bool:
         return self.env != "production"
+
+    @property
+    def ingest_metrics(self) -> str:
+        return self.ingest_metrics_url or f"http://127.0.0.1:{self.ingest_port}/metrics"
+
+    @property
+    def worker_metrics(self) -> str | None:
+        if self.worker_metrics_url:
+            return self.worker_metrics_url
+        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics" if self.worker_metrics_port else None
 
 
 @lru_cache(maxsize=1)

@@ -16,15 +16,11 @@ from prometheus_client import Counter
 
 from infra.kafka import BrokerUnavailable, DurableProducer
 from infra.logging import get_logger
-from schemas.deadletter import DeadLetter, FailureInfo
+from schemas.deadletter import HEADER_ATTEMPTS, HEADER_HISTORY, HEADER_REPLAY_OF, DeadLetter, FailureInfo
 
 log = get_logger("processors.deadletter")
 
 DEAD_LETTERS = Counter("cortexx_dead_letters_total", "Records sent to a dead-letter topic", ["topic"])
-
-HEADER_REPLAY_OF = "cortexx-replay-of"
-HEADER_ATTEMPTS = "cortexx-attempts"
-HEADER_HISTORY = "cortexx-failures"
 
 DLQ_SUFFIX = ".dlq"
 
@@ -55,19 +51,6 @@ def prior_of(headers: list[tuple[str, bytes]]) -> Prior:
         pass  # headers from elsewhere: start a fresh history rather than refuse the record
     replay_of = found.get(HEADER_REPLAY_OF)
     return Prior(attempts, history, replay_of.decode() if replay_of else None)
-
-
-def replay_headers(letter: DeadLetter, dlq_id: str) -> list[tuple[str, bytes]]:
-    """The original headers, minus our bookkeeping, plus the history so far."""
-    ours = {HEADER_REPLAY_OF, HEADER_ATTEMPTS, HEADER_HISTORY}
-    original = [(k, v or b"") for k, v in letter.header_bytes() if k not in ours]
-    history = [*letter.history, letter.error]
-    return [
-        *original,
-        (HEADER_REPLAY_OF, dlq_id.encode()),
-        (HEADER_ATTEMPTS, str(letter.error.attempts).encode()),
-        (HEADER_HISTORY, orjson.dumps(history)),
-    ]
 
 
 def failure(

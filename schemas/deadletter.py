@@ -10,6 +10,11 @@ import orjson
 
 DEAD_LETTER_VERSION = 1
 
+# Headers a replayed record carries, so a new failure continues the history it already had.
+HEADER_REPLAY_OF = "cortexx-replay-of"
+HEADER_ATTEMPTS = "cortexx-attempts"
+HEADER_HISTORY = "cortexx-failures"
+
 
 def _b64(raw: bytes | None) -> str | None:
     return None if raw is None else base64.b64encode(raw).decode()
@@ -90,3 +95,16 @@ class DeadLetter:
         doc["history"] = [FailureInfo(**h) for h in doc.get("history", [])]
         doc["headers"] = [tuple(h) for h in doc.get("headers", [])]
         return cls(**doc)
+
+
+def replay_headers(letter: DeadLetter, dlq_id: str) -> list[tuple[str, bytes]]:
+    """The original headers, minus our bookkeeping, plus the history so far."""
+    ours = {HEADER_REPLAY_OF, HEADER_ATTEMPTS, HEADER_HISTORY}
+    original = [(k, v or b"") for k, v in letter.header_bytes() if k not in ours]
+    history = [*letter.history, letter.error]
+    return [
+        *original,
+        (HEADER_REPLAY_OF, dlq_id.encode()),
+        (HEADER_ATTEMPTS, str(letter.error.attempts).encode()),
+        (HEADER_HISTORY, orjson.dumps(history)),
+    ]

@@ -4,6 +4,7 @@ the Cortexx processes run as real child processes against them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ from infra.embedded import EmbeddedBroker, EmbeddedPostgres
 from infra.migrate import migrate
 from infra.tenants import Tenant, upsert_tenant
 from infra.topics import declare_topics
+from tests.containers import NoDockerEngine, docker_answers, kafka_and_postgres
 from tests.support import CortexxProcess, ServiceUrls, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
     database_url = os.environ.get("CORTEXX_DATABASE_URL")
     bootstrap = os.environ.get("CORTEXX_KAFKA_BOOTSTRAP")
     broker: EmbeddedBroker | None = None
+    containers = contextlib.ExitStack()
+    if os.environ.get("CORTEXX_TEST_SERVICES") == "containers":
+        try:
+            docker_answers()
+        except NoDockerEngine as exc:
+            pytest.skip(f"CORTEXX_TEST_SERVICES=containers but no Docker engine answers: {exc}")
+        started = containers.enter_context(kafka_and_postgres())
+        database_url, bootstrap = started.database_url, started.kafka_bootstrap
     try:
         if not database_url:
             # fsync off: test data need not survive a power cut, and it saves seconds.
@@ -54,6 +64,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
     finally:
         for service in reversed(owned):
             service.stop()
+        containers.close()
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +106,27 @@ def api(services: ServiceUrls) -> Iterator[CortexxProcess]:
 def worker(services: ServiceUrls, wuzapi: Simulator) -> Iterator[CortexxProcess]:
     proc = CortexxProcess.worker(
         services, breaker_reset_s=1.0, wuzapi_timeout_s=1.0, wuzapi_backoff_max_s=1.0, company_cache_ttl_s=0.5
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def ops_api(
+    services: ServiceUrls, ingest: CortexxProcess, worker: CortexxProcess
+) -> Iterator[CortexxProcess]:
+    """A read API that scrapes this session's ingest and worker, for the operators' console."""
+    proc = CortexxProcess.api(
+        services,
+        ingest_metrics_url=f"{ingest.url}/metrics",
+        worker_metrics_url=f"http://127.0.0.1:{worker.env['CORTEXX_WORKER_METRICS_PORT']}/metrics",
+        ops_scrape_interval_s=0.5,
+        broker_probe_interval_s=0.5,
+        produce_timeout_s=2.0,
+        session_cookie_secure="false",  # the browser test talks plain http to 127.0.0.1
     )
     proc.start()
     try:

@@ -37,7 +37,7 @@ async def test_sigterm_under_load_loses_no_acknowledged_webhook(services: Servic
     stop.set()
     result = await load
     assert code == 0, ingest.log_tail()
-    assert result.codes[200] > 100
+    assert result.codes[200] > 20
     assert set(result.codes) <= {200, 503, 0}, result.codes
     on_topic = await _on_topic(services.kafka_bootstrap)
     lost = set(result.accepted) - on_topic

@@ -1,4 +1,4 @@
-"""Listing and replaying dead letters (`cortexx dlq`, and later the operators' console).
+"""Listing and replaying dead letters: shared by `cortexx dlq` and the operators' console.
 
 A dead letter's id is `dlq_topic:partition:offset`. Replay sends the original key, value and
 headers back to the source topic, with the failure history in headers, and records the replay in
@@ -20,10 +20,9 @@ from aiokafka.errors import KafkaError
 from infra.kafka import DurableProducer
 from infra.logging import get_logger
 from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
-from processors.deadletter import replay_headers
-from schemas.deadletter import DeadLetter
+from schemas.deadletter import DeadLetter, replay_headers
 
-log = get_logger("processors.replay")
+log = get_logger("infra.dlq")
 
 DLQ_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
 

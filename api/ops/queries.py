@@ -1,0 +1,54 @@
+"""The console's SQL. Platform-wide by design: the console is for the people who run Cortexx."""
+
+from __future__ import annotations
+
+from api.db import Query
+
+# The time of a webhook: an inbound message's arrival, or a delivery status of an outbound one.
+TENANTS = Query(
+    "ops.tenants",
+    """
+    WITH events AS (
+        SELECT company_id, created_at,
+               CASE WHEN direction = 'inbound' THEN created_at ELSE status_at END AS webhook_at
+          FROM messages
+    ), per_company AS (
+        SELECT company_id,
+               count(*) AS total,
+               count(*) FILTER (WHERE created_at > now() - interval '24 hours') AS last_24h,
+               max(webhook_at) AS last_at,
+               min(webhook_at) FILTER (WHERE webhook_at > now() - interval '7 days') AS first_7d,
+               count(webhook_at) FILTER (WHERE webhook_at > now() - interval '7 days') AS n_7d
+          FROM events GROUP BY company_id
+    )
+    SELECT c.slug, c.name, c.rate_limit_per_s, c.rate_limit_burst, c.wuzapi_token,
+           coalesce(p.total, 0) AS total, coalesce(p.last_24h, 0) AS last_24h, p.last_at,
+           CASE WHEN p.n_7d >= 3
+                THEN extract(epoch FROM (p.last_at - p.first_7d)) / (p.n_7d - 1) END AS usual_gap_s,
+           extract(epoch FROM (now() - p.last_at)) AS silent_s
+      FROM companies c LEFT JOIN per_company p ON p.company_id = c.id
+     ORDER BY c.slug
+     LIMIT $1
+    """,
+)
+
+REPLAY_EVENTS = Query(
+    "ops.replay_events",
+    """
+    SELECT dlq_id, source_topic, tenant, error_type, replayed_by, replayed_at
+      FROM dlq_replay_events ORDER BY replayed_at DESC, id DESC LIMIT $1
+    """,
+)
+
+REPLAY_EVENTS_OF = Query(
+    "ops.replay_events_of",
+    """
+    SELECT dlq_id, source_topic, tenant, error_type, replayed_by, replayed_at
+      FROM dlq_replay_events WHERE dlq_id = $1 ORDER BY replayed_at DESC, id DESC LIMIT 100
+    """,
+)
+
+MESSAGE_STATUS = Query(
+    "ops.message_status",
+    "SELECT status FROM messages WHERE company_id = $1 AND external_id = $2",
+)

@@ -1,0 +1,265 @@
+"""Footprint: resident memory of `cortexx ingest` and `cortexx worker` under a steady load.
+
+A paced load generator (a minimal keep-alive HTTP/1.1 client on uvloop, far cheaper than an HTTP
+library, since it shares the 2 cores with what it measures) POSTs fresh signed 1-change webhooks
+(a new message id each, from 5,000 contacts) at `--rate` per second for `--duration` seconds,
+while both processes' RSS is sampled every 5 s (psutil). Targets: under 250 MB each, and no
+growth over the last 5 minutes (the least-squares slope over that window, times its length,
+under 5 MB). Chart: RSS over time.
+
+    python -m bench.footprint [--duration 600] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bench.common import (
+    RESULTS_DIR,
+    Child,
+    add_tenant,
+    console,
+    print_table,
+    running,
+    save_result,
+    services,
+)
+from infra.embedded import free_port
+from infra.meta_samples import sign, wa_change, wa_envelope
+from infra.tenants import Tenant
+
+TARGET_RSS_MB = 250.0
+TARGET_GROWTH_MB = 5.0
+SLUG = "bench-footprint"
+TEXTS = (
+    "Hi! Is my order on its way?",
+    "Can you send me the invoice for last month please?",
+    "Thanks, that worked",
+    "What time do you open tomorrow?",
+    "I'd like to change my delivery address",
+)
+
+
+@dataclass
+class Load:
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def body(n: int, rng: random.Random) -> bytes:
+    wa_id = f"1555{rng.randrange(5000):07d}"
+    message = {
+        "from": wa_id,
+        "id": f"wamid.footprint{n:012d}",
+        "timestamp": str(1_700_000_000 + n // 1000),
+        "type": "text",
+        "text": {"body": rng.choice(TEXTS)},
+    }
+    change = wa_change(
+        phone_number_id="106540352242922",
+        display_phone_number="15550783881",
+        messages=[message],
+        contacts=[(wa_id, f"Contact {wa_id[-4:]}")],
+    )
+    return orjson.dumps(wa_envelope([change], waba_id="102290129340398"))
+
+
+async def _connection(
+    port: int, path: str, secret: str, queue: asyncio.Queue[int | None], load: Load, rng: random.Random
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while (n := await queue.get()) is not None:
+            payload = body(n, rng)
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"X-Hub-Signature-256: {sign(payload, secret)}\r\nContent-Length: {len(payload)}\r\n\r\n"
+            )
+            started = time.perf_counter()
+            writer.write(head.encode() + payload)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            load.latencies_ms.append((time.perf_counter() - started) * 1000)
+            if status_line.split(b" ", 2)[1:2] == [b"200"]:
+                load.ok += 1
+            else:
+                load.errors += 1
+    finally:
+        writer.close()
+
+
+async def _drive(
+    port: int,
+    tenant: Tenant,
+    pids: dict[str, int],
+    *,
+    rate: float,
+    duration_s: float,
+    connections: int,
+    interval_s: float,
+) -> tuple[Load, list[dict[str, Any]]]:
+    load = Load()
+    queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=connections * 4)
+    rng = random.Random(7)
+    path = f"/webhooks/meta/{tenant.slug}"
+    workers = [
+        asyncio.create_task(_connection(port, path, tenant.app_secret, queue, load, rng))
+        for _ in range(connections)
+    ]
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    samples: list[dict[str, Any]] = []
+    started = time.monotonic()
+    next_sample = started
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task("steady load", total=duration_s)
+        while (now := time.monotonic()) < started + duration_s:
+            due = int((now - started) * rate)
+            while load.sent < due:
+                await queue.put(load.sent)  # blocks when the server falls behind: pacing is kept honest
+                load.sent += 1
+            if now >= next_sample:
+                sample: dict[str, Any] = {"t": round(now - started, 1), "sent": load.sent, "ok": load.ok}
+                for name, proc in procs.items():
+                    sample[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+                samples.append(sample)
+                bar.update(
+                    task,
+                    completed=now - started,
+                    description=" ".join(f"{k} {v}" for k, v in sample.items() if k != "t"),
+                )
+                next_sample += interval_s
+            await asyncio.sleep(0.005)
+    for _ in workers:
+        await queue.put(None)
+    await asyncio.gather(*workers, return_exceptions=True)
+    return load, samples
+
+
+def growth_mb(samples: list[dict[str, Any]], key: str, window_s: float) -> float:
+    """Least-squares slope of `key` over the last `window_s` seconds, times the window (MB)."""
+    end = samples[-1]["t"]
+    points = [(s["t"], s[key]) for s in samples if s["t"] >= end - window_s]
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / var if var else 0.0
+    return float(slope * (points[-1][0] - points[0][0]))
+
+
+def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 16) -> dict[str, Any]:
+    import uvloop
+
+    with services("footprint") as svc:
+        tenant = asyncio.run(add_tenant(svc.database_url, SLUG, agents=2))
+        port = free_port()
+        ingest = Child.cortexx("ingest", ["ingest", "--port", str(port)], svc.env(), svc.data_dir, port=port)
+        worker = Child.cortexx(
+            "worker", ["worker"], svc.env(), svc.data_dir, ready_line='"worker.partitions_assigned"'
+        )
+        with running(ingest, worker):
+            load, samples = uvloop.run(
+                _drive(
+                    port,
+                    tenant,
+                    {"ingest": ingest.pid, "worker": worker.pid},
+                    rate=rate,
+                    duration_s=duration_s,
+                    connections=connections,
+                    interval_s=5.0,
+                )
+            )
+    window = min(300.0, duration_s / 2)
+    report: dict[str, Any] = {
+        "duration_s": duration_s,
+        "rate_target": rate,
+        "rate_achieved": round(load.ok / duration_s, 1),
+        "errors": load.errors,
+        "window_s": window,
+        "samples": samples,
+    }
+    rows = []
+    met = True
+    for name in ("ingest", "worker"):
+        key = f"{name}_rss_mb"
+        peak = max(s[key] for s in samples)
+        grown = growth_mb(samples, key, window)
+        ok = peak < TARGET_RSS_MB and grown < TARGET_GROWTH_MB
+        met = met and ok
+        report[name] = {"peak_mb": peak, "last_mb": samples[-1][key], "growth_mb": round(grown, 2), "met": ok}
+        rows.append((name, samples[0][key], peak, samples[-1][key], grown, "MET" if ok else "MISSED"))
+    print_table(
+        f"footprint: {duration_s:.0f} s at {rate:.0f} webhooks/s (achieved {report['rate_achieved']}/s, "
+        f"{load.errors} errors)",
+        ["process", "first MB", "peak MB", "last MB", f"growth MB (last {window:.0f} s)", "target"],
+        rows,
+    )
+    report["target_met"] = met
+    report["chart"] = str(chart(samples, window))
+    path = save_result("footprint", report)
+    console.print(f"results appended to {path}; chart {report['chart']}")
+    return report
+
+
+def chart(samples: list[dict[str, Any]], window_s: float, path: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = path or RESULTS_DIR / "footprint.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    minutes = [s["t"] / 60 for s in samples]
+    for name, color in (("ingest", "tab:blue"), ("worker", "tab:orange")):
+        ax.plot(minutes, [s[f"{name}_rss_mb"] for s in samples], color=color, label=f"cortexx {name}")
+    ax.axhline(TARGET_RSS_MB, color="tab:red", linewidth=0.8, linestyle="--", label="target 250 MB")
+    end = minutes[-1]
+    ax.axvspan(end - window_s / 60, end, color="tab:gray", alpha=0.12, label="growth window")
+    ax.set_xlabel("minutes under load")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Resident memory under a steady webhook load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds under load (default 10 min)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="webhooks per second")
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args(argv)
+    run(args.duration, rate=args.rate, connections=args.connections)
+
+
+if __name__ == "__main__":
+    main()

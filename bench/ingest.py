@@ -1,0 +1,338 @@
+"""Ingest: requests/s and p50/p99 of signed, validated, durably produced (acks=all) webhooks.
+
+wrk POSTs one fixed signed body over keep-alive connections. Three servers are measured in the
+same run, interleaved per configuration so that drift on a shared machine hits all of them:
+
+- `bare`: a FastAPI endpoint on the same stack (uvicorn, uvloop, httptools) that only reads the
+  body and answers 200 (bench/bare_app.py): the ceiling of the server stack;
+- `ours`: `cortexx ingest` as shipped (log level info: one JSON line per accepted POST);
+- `ours-quiet`: the same at log level warning, to price the per-request log line.
+
+Every configuration: 1-change and 100-change bodies, 8, 32 and 128 connections.
+Target: `ours` >= 60% of `bare` req/s at 32 connections (1-change), with p99 < 25 ms.
+
+    python -m bench.ingest [--duration 10] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import (
+    RESULTS_DIR,
+    BenchError,
+    BenchServices,
+    Child,
+    Profile,
+    add_tenant,
+    console,
+    keep_profile,
+    print_profile,
+    print_table,
+    py_spy_available,
+    running,
+    save_result,
+    services,
+    summarize_profile,
+    tree_cpu_s,
+)
+from infra.embedded import free_port
+from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.tenants import Tenant
+
+CONNECTIONS = (8, 32, 128)
+CHANGES = (1, 100)
+TARGET_RATIO = 0.60
+TARGET_P99_MS = 25.0
+SLUG = "bench-ingest"
+
+LUA = """
+local f = assert(io.open("{body}", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Hub-Signature-256"] = "{signature}"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def make_body(changes: int, seed: int = 7) -> bytes:
+    """A WhatsApp envelope of `changes` changes, each one inbound text message from its own contact."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(changes):
+        wa_id = f"1555{rng.randrange(10**7):07d}"
+        message = wa_message("text", wamid=f"wamid.bench{seed}x{i}", from_=wa_id, timestamp=1_700_000_000 + i)
+        items.append(
+            wa_change(
+                phone_number_id="106540352242922",
+                display_phone_number="15550783881",
+                messages=[message],
+                contacts=[(wa_id, f"Bench User {i}")],
+            )
+        )
+    return orjson.dumps(wa_envelope(items, waba_id="102290129340398"))
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def wrk_bin() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise BenchError("wrk is not installed: `apt-get install -y wrk` (Debian package)")
+    return found
+
+
+def run_wrk(url: str, script: Path, *, connections: int, duration_s: float, threads: int = 2) -> WrkResult:
+    argv = [
+        wrk_bin(),
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=duration_s + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            doc = json.loads(line.removeprefix("BENCH_JSON "))
+            return WrkResult(
+                requests=int(doc["requests"]),
+                seconds=doc["duration_us"] / 1e6,
+                errors=sum(int(doc[k]) for k in ("connect", "read", "write", "status", "timeout")),
+                p50_ms=doc["p50_us"] / 1000,
+                p90_ms=doc["p90_us"] / 1000,
+                p99_ms=doc["p99_us"] / 1000,
+                max_ms=doc["max_us"] / 1000,
+            )
+    raise BenchError(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+def _servers(svc: BenchServices, log_dir: Path) -> list[Child]:
+    bare_port, ours_port, quiet_port = free_port(), free_port(), free_port()
+    return [
+        Child.module(
+            "bare", "bench.bare_app", ["--port", str(bare_port)], svc.env(), log_dir, port=bare_port
+        ),
+        Child.cortexx("ours", ["ingest", "--port", str(ours_port)], svc.env(), log_dir, port=ours_port),
+        Child.cortexx(
+            "ours-quiet",
+            ["ingest", "--port", str(quiet_port)],
+            svc.env(log_level="warning"),
+            log_dir,
+            port=quiet_port,
+        ),
+    ]
+
+
+def run(
+    duration_s: float = 10.0, *, profile: bool = False, profile_only: bool = False, warmup_s: float = 2.0
+) -> dict[str, Any]:
+    """Measure (unless `profile_only`), then profile ingest at 32 connections when asked."""
+    profile = profile or profile_only
+    wrk_bin()
+    with services("ingest") as svc:
+        tenant: Tenant = asyncio.run(add_tenant(svc.database_url, SLUG, agents=0))
+        scripts: dict[int, Path] = {}
+        for changes in CHANGES:
+            body = make_body(changes)
+            body_path = svc.data_dir / f"body-{changes}.json"
+            body_path.write_bytes(body)
+            script = svc.data_dir / f"post-{changes}.lua"
+            script.write_text(LUA.format(body=body_path, signature=sign(body, tenant.app_secret)))
+            scripts[changes] = script
+            console.print(f"{changes}-change body: {len(body):,} bytes")
+        servers = _servers(svc, svc.data_dir)
+        rows: list[dict[str, Any]] = []
+        with running(*servers):
+            for changes in () if profile_only else CHANGES:
+                for connections in CONNECTIONS:
+                    for server in servers:
+                        url = f"{server.url}/webhooks/meta/{SLUG}"
+                        run_wrk(url, scripts[changes], connections=connections, duration_s=warmup_s)
+                        cpu_before = tree_cpu_s(server.pid)
+                        result = run_wrk(
+                            url, scripts[changes], connections=connections, duration_s=duration_s
+                        )
+                        cpu_pct = 100 * (tree_cpu_s(server.pid) - cpu_before) / result.seconds
+                        console.print(
+                            f"{server.name:>10} {changes:>3}-change c={connections:<3} "
+                            f"{result.rps:8.0f} req/s p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms"
+                            f" errors {result.errors} cpu {cpu_pct:.0f}%"
+                        )
+                        rows.append(
+                            {
+                                "server": server.name,
+                                "changes": changes,
+                                "connections": connections,
+                                "rps": round(result.rps, 1),
+                                "records_per_s": round(result.rps * changes, 1),
+                                "p50_ms": result.p50_ms,
+                                "p90_ms": result.p90_ms,
+                                "p99_ms": result.p99_ms,
+                                "max_ms": result.max_ms,
+                                "errors": result.errors,
+                                "requests": result.requests,
+                                "server_cpu_pct": round(cpu_pct, 1),
+                            }
+                        )
+            profiles: dict[str, Any] = {}
+            if profile:
+                for changes in CHANGES:
+                    summary = _profile(servers[1], scripts[changes], duration_s, changes)
+                    if summary is not None:
+                        profiles[f"{changes}-change c=32"] = summary
+    if profile_only:
+        for name, summary in profiles.items():
+            print_profile(f"cortexx ingest, {name}", summary)
+        save_result("ingest-profile", {"duration_s": duration_s, "profiles": profiles})
+        return {"profiles": profiles}
+    report = _report(rows)
+    for name, summary in profiles.items():
+        print_profile(f"cortexx ingest, {name}", summary)
+    out: dict[str, Any] = {"duration_s": duration_s, "rows": rows, "summary": report, "profiles": profiles}
+    out["chart"] = str(chart(rows))
+    path = save_result("ingest", out)
+    console.print(f"results appended to {path}; chart {out['chart']}")
+    return out
+
+
+def _profile(server: Child, script: Path, duration_s: float, changes: int) -> dict[str, Any] | None:
+    if not py_spy_available():
+        console.print("[yellow]py-spy not installed: no profile[/]")
+        return None
+    out = server.log_path.with_suffix(f".{changes}.pyspy.txt")
+    spy = Profile(server.pid, out).start()
+    time.sleep(1.0)
+    try:
+        run_wrk(f"{server.url}/webhooks/meta/{SLUG}", script, connections=32, duration_s=duration_s)
+    finally:
+        spy.stop()
+    keep_profile(out, f"ingest-{changes}-change-c32")
+    return summarize_profile(out)
+
+
+def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(r["server"], r["changes"], r["connections"]): r for r in rows}
+    table = []
+    for changes in CHANGES:
+        for connections in CONNECTIONS:
+            bare = by[("bare", changes, connections)]
+            for name in ("ours", "ours-quiet"):
+                ours = by[(name, changes, connections)]
+                table.append(
+                    (
+                        f"{name} {changes}-change c={connections}",
+                        ours["rps"],
+                        bare["rps"],
+                        ours["rps"] / bare["rps"] if bare["rps"] else 0.0,
+                        ours["p50_ms"],
+                        ours["p99_ms"],
+                        bare["p99_ms"],
+                        ours["errors"],
+                        ours["server_cpu_pct"],
+                    )
+                )
+    print_table(
+        "ingest vs bare FastAPI endpoint (same run)",
+        ["config", "req/s", "bare req/s", "ratio", "p50 ms", "p99 ms", "bare p99 ms", "errors", "cpu %"],
+        table,
+    )
+    key = by[("ours", 1, 32)]
+    bare_key = by[("bare", 1, 32)]
+    ratio = key["rps"] / bare_key["rps"] if bare_key["rps"] else 0.0
+    met = ratio >= TARGET_RATIO and key["p99_ms"] < TARGET_P99_MS and key["errors"] == 0
+    verdict = "MET" if met else "MISSED"
+    console.print(
+        f"target (1-change, 32 connections): ratio {ratio:.2f} (>= {TARGET_RATIO}), "
+        f"p99 {key['p99_ms']:.1f} ms (< {TARGET_P99_MS}): [bold]{verdict}[/]"
+    )
+    return {"ratio_32": round(ratio, 3), "p99_32_ms": key["p99_ms"], "target_met": met}
+
+
+def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = path or RESULTS_DIR / "ingest.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    styles = {"bare": ("tab:gray", "--"), "ours": ("tab:blue", "-"), "ours-quiet": ("tab:green", ":")}
+    for col, changes in enumerate(CHANGES):
+        for server, (color, style) in styles.items():
+            points = sorted(
+                (r["connections"], r["rps"], r["p99_ms"])
+                for r in rows
+                if r["server"] == server and r["changes"] == changes
+            )
+            xs = [p[0] for p in points]
+            axes[0][col].plot(xs, [p[1] for p in points], style, color=color, marker="o", label=server)
+            axes[1][col].plot(xs, [p[2] for p in points], style, color=color, marker="o", label=server)
+        axes[0][col].set_title(f"{changes}-change POSTs: requests/s")
+        axes[1][col].set_title(f"{changes}-change POSTs: p99 latency (ms)")
+        for row in (0, 1):
+            axes[row][col].set_yscale("log")
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set_xticks(list(CONNECTIONS), [str(c) for c in CONNECTIONS])
+            axes[row][col].set_xlabel("connections")
+            axes[row][col].grid(True, alpha=0.3)
+            axes[row][col].legend()
+        axes[1][col].axhline(TARGET_P99_MS, color="tab:red", linewidth=0.8, label="p99 target")
+    fig.suptitle("cortexx ingest vs bare FastAPI endpoint (same run, wrk)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--profile", action="store_true", help="py-spy profile of ingest at 32 connections")
+    parser.add_argument("--profile-only", action="store_true", help="only the profiles, no measurement")
+    args = parser.parse_args(argv)
+    run(args.duration, profile=args.profile, profile_only=args.profile_only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""A set-based writer for a batch of `meta.webhooks` records: the rewrite BENCHMARKS.md recommends
+for processors/store.py, prototyped here so that its gain is measured, not guessed.
+
+`processors.store.Store.apply` runs 4 to 6 statements per record, one round trip each
+(contact, conversation, message, conversation bump, notifications), so a batch of 500 records
+costs some 2,500 sequential round trips. This writer runs a fixed number of statements per
+batch, whatever its size, each over `unnest()` arrays:
+
+1. contacts upsert (deduplicated in Python, sorted so that concurrent writers lock in one order);
+2. conversations upsert (the same), returning which were created;
+3. messages insert, `ON CONFLICT DO NOTHING RETURNING`: the inserted ones are the new ones;
+4. one conversation bump per conversation (latest message, unread count), aggregated in Python;
+5. notifications for every new inbound message, joined to the company's active users;
+6. statuses upsert, one row per message (its highest-ranked status in the batch: the final state
+   the per-record path reaches too, since a status never moves down);
+7. kept events (`webhook_events`).
+
+Records it does not model (Messenger delivery / read receipts, unranked statuses, errors-only
+changes) and companies with auto-replies go through `Store.apply`, in the same transaction.
+The rows are the same as the per-record path's: `bench.worker` compares them after each run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from processors.autoreply import Company, CompanyCache
+from processors.store import STATUS_RANK, BatchStats, PoisonRecord, Store, _clip, _ts, whatsapp_body
+from schemas.meta import WHATSAPP_OBJECT
+from schemas.records import WebhookRecord
+
+UPSERT_CONTACTS = """
+INSERT INTO contacts (company_id, phone_number, channel, name)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+ON CONFLICT (company_id, phone_number, channel) WHERE deleted_at IS NULL
+DO UPDATE SET name = COALESCE(EXCLUDED.name, contacts.name),
+              updated_at = CASE WHEN EXCLUDED.name IS DISTINCT FROM contacts.name
+                                 AND EXCLUDED.name IS NOT NULL
+                                THEN now() ELSE contacts.updated_at END
+RETURNING id, company_id, phone_number, channel
+"""
+
+UPSERT_CONVERSATIONS = """
+INSERT INTO conversations (company_id, contact_id, channel)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])
+ON CONFLICT (company_id, contact_id) WHERE deleted_at IS NULL
+DO UPDATE SET channel = conversations.channel
+RETURNING id, contact_id
+"""
+
+INSERT_MESSAGES = """
+INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body, content,
+                      status, status_rank, status_at, sent_at)
+SELECT u.c, u.conv, u.ext, u.dir, u.kind, u.body, u.content::jsonb, u.st, u.rank, u.at, u.at
+  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+              $8::text[], $9::int2[], $10::timestamptz[])
+       AS u(c, conv, ext, dir, kind, body, content, st, rank, at)
+ON CONFLICT (company_id, external_id) DO NOTHING
+RETURNING id, company_id, external_id
+"""
+
+BUMP_CONVERSATIONS = """
+UPDATE conversations c
+   SET last_message_id = CASE WHEN c.last_message_at IS NULL OR c.last_message_at <= u.at
+                              THEN u.mid ELSE c.last_message_id END,
+       last_message_preview = CASE WHEN c.last_message_at IS NULL OR c.last_message_at <= u.at
+                                   THEN u.preview ELSE c.last_message_preview END,
+       last_message_at = GREATEST(c.last_message_at, u.at),
+       unread_count = c.unread_count + u.inbound,
+       status = CASE WHEN u.inbound > 0 AND c.status = 'closed' THEN 'open' ELSE c.status END,
+       updated_at = now()
+  FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::int4[])
+       AS u(id, mid, at, preview, inbound)
+ WHERE c.id = u.id
+"""
+
+NOTIFY = """
+INSERT INTO notifications (company_id, user_id, kind, conversation_id, message_id, title, body)
+SELECT u.c, us.id, 'message.received', u.conv, u.mid, u.title, u.body
+  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
+       AS u(c, conv, mid, title, body)
+  JOIN users us ON us.company_id = u.c AND us.is_active
+ON CONFLICT (user_id, message_id) DO NOTHING
+"""
+
+UPSERT_STATUSES = """
+INSERT INTO messages (company_id, conversation_id, external_id, direction, type, content,
+                      status, status_rank, status_at, error, sent_at)
+SELECT u.c, u.conv, u.ext, 'outbound', 'unknown', '{}'::jsonb, u.st, u.rank, u.at, u.err::jsonb, u.at
+  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int2[], $6::timestamptz[],
+              $7::text[]) AS u(c, conv, ext, st, rank, at, err)
+ON CONFLICT (company_id, external_id) DO UPDATE
+   SET status = EXCLUDED.status,
+       status_rank = EXCLUDED.status_rank,
+       status_at = EXCLUDED.status_at,
+       error = COALESCE(EXCLUDED.error, messages.error),
+       updated_at = now()
+ WHERE messages.status_rank < EXCLUDED.status_rank
+"""
+
+INSERT_EVENTS = """
+INSERT INTO webhook_events (company_id, object, field, event_key, payload)
+SELECT u.c, u.obj, u.field, u.key, u.payload::jsonb
+  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(c, obj, field, key, payload)
+ON CONFLICT (company_id, event_key) DO NOTHING
+"""
+
+ContactKey = tuple[int, str, str]  # company_id, phone_number / scoped id, channel
+
+
+@dataclass(slots=True)
+class _Message:
+    company_id: int
+    contact: ContactKey
+    external_id: str
+    direction: str
+    kind: str
+    body: str
+    content: dict[str, Any]
+    at: datetime
+    title: str
+
+
+@dataclass(slots=True)
+class _Status:
+    company_id: int
+    contact: ContactKey
+    external_id: str
+    state: str
+    rank: int
+    at: datetime
+    error: Any
+
+
+class SetWriter:
+    """Writes one batch with a fixed number of statements; call `write` inside a transaction."""
+
+    def __init__(self, companies: CompanyCache) -> None:
+        self.companies = companies
+
+    async def write(self, conn: asyncpg.Connection, records: list[WebhookRecord]) -> BatchStats:
+        store = Store(conn, self.companies)
+        names: dict[ContactKey, str | None] = {}
+        messages: list[_Message] = []
+        statuses: list[_Status] = []
+        events: dict[tuple[int, str], tuple[str, str, str]] = {}
+        fallback: list[WebhookRecord] = []
+        for record in records:
+            company = await store.company(record.tenant)
+            if company.welcome_message or company.away_message:
+                fallback.append(record)  # auto-replies: the per-record path
+            elif record.kind == "change" and record.object == WHATSAPP_OBJECT and record.field == "messages":
+                if not self._whatsapp(company, record.payload, names, messages, statuses):
+                    fallback.append(record)
+            elif record.kind == "messaging":
+                if not self._messaging(company, record, names, messages):
+                    fallback.append(record)
+            else:
+                digest, payload = _event_key(record.object, record.entry_id, record.field, record.payload)
+                events.setdefault((company.id, digest), (record.object, record.field, payload))
+
+        stats = BatchStats()
+        contact_ids = await self._contacts(conn, names)
+        conversations = await self._conversations(conn, names, contact_ids)
+        await self._messages(conn, messages, conversations, stats)
+        await self._statuses(conn, statuses, conversations, stats)
+        if events:
+            keys = sorted(events)
+            await conn.execute(
+                INSERT_EVENTS,
+                [k[0] for k in keys],
+                [events[k][0] for k in keys],
+                [events[k][1] for k in keys],
+                [k[1] for k in keys],
+                [events[k][2] for k in keys],
+            )
+            stats.events += len(keys)
+        for record in fallback:
+            await store.apply(record)
+        for name in ("messages", "duplicates", "statuses", "notifications", "events"):
+            setattr(stats, name, getattr(stats, name) + getattr(store.stats, name))
+        return stats
+
+    # ------------------------------------------------------------------ decoding
+
+    def _whatsapp(
+        self,
+        company: Company,
+        value: dict[str, Any],
+        names: dict[ContactKey, str | None],
+        messages: list[_Message],
+        statuses: list[_Status],
+    ) -> bool:
+        raw_messages = value.get("messages") or ()
+        raw_statuses = value.get("statuses") or ()
+        if not raw_messages and not raw_statuses:
+            return False
+        if any(isinstance(s, dict) and s.get("status") not in STATUS_RANK for s in raw_statuses):
+            return False  # an unranked status is kept as an event by the per-record path
+        profile = {
+            str(c.get("wa_id")): (c.get("profile") or {}).get("name")
+            for c in value.get("contacts") or ()
+            if isinstance(c, dict)
+        }
+        for message in raw_messages:
+            if not isinstance(message, dict) or not message.get("id"):
+                raise PoisonRecord("WhatsApp message without an id")
+            sender = str(message.get("from", ""))
+            if not sender:
+                raise PoisonRecord("update names no contact")
+            key = (company.id, sender, "whatsapp")
+            name = profile.get(sender)
+            if name is not None or key not in names:
+                names[key] = name if name is not None else names.get(key)
+            messages.append(
+                _Message(
+                    company.id,
+                    key,
+                    str(message["id"]),
+                    "inbound",
+                    str(message.get("type", "unknown")),
+                    whatsapp_body(message),
+                    message,
+                    _ts(message.get("timestamp")),
+                    f"New message from {profile.get(sender) or sender}",
+                )
+            )
+        for status in raw_statuses:
+            if not isinstance(status, dict) or not status.get("id"):
+                raise PoisonRecord("WhatsApp status without an id")
+            recipient = str(status.get("recipient_id", ""))
+            if not recipient:
+                raise PoisonRecord("update names no contact")
+            key = (company.id, recipient, "whatsapp")
+            names.setdefault(key, None)
+            state = str(status["status"])
+            statuses.append(
+                _Status(
+                    company.id,
+                    key,
+                    str(status["id"]),
+                    state,
+                    STATUS_RANK[state],
+                    _ts(status.get("timestamp")),
+                    status.get("errors") or None,
+                )
+            )
+        return True
+
+    def _messaging(
+        self,
+        company: Company,
+        record: WebhookRecord,
+        names: dict[ContactKey, str | None],
+        messages: list[_Message],
+    ) -> bool:
+        event = record.payload
+        message = event.get("message")
+        if not isinstance(message, dict) or not message.get("mid"):
+            return False  # delivery, read and others: the per-record path
+        channel = "instagram" if record.object == "instagram" else "messenger"
+        sender = str((event.get("sender") or {}).get("id", ""))
+        recipient = str((event.get("recipient") or {}).get("id", ""))
+        echo = bool(message.get("is_echo")) or sender == record.entry_id
+        user = recipient if echo else sender
+        if not user:
+            raise PoisonRecord("update names no contact")
+        key = (company.id, user, channel)
+        names.setdefault(key, None)
+        attachments = message.get("attachments") or []
+        kind = "text"
+        body = message.get("text")
+        if body is None and attachments:
+            kind = str(attachments[0].get("type", "attachment"))
+            body = f"[{kind}]"
+        messages.append(
+            _Message(
+                company.id,
+                key,
+                str(message["mid"]),
+                "outbound" if echo else "inbound",
+                kind,
+                str(body or ""),
+                event,
+                _ts(event.get("timestamp")),
+                f"New message from {user}",
+            )
+        )
+        return True
+
+    # ------------------------------------------------------------------ statements
+
+    async def _contacts(
+        self, conn: asyncpg.Connection, names: dict[ContactKey, str | None]
+    ) -> dict[ContactKey, int]:
+        if not names:
+            return {}
+        keys = sorted(names)
+        rows = await conn.fetch(
+            UPSERT_CONTACTS,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [names[k] for k in keys],
+        )
+        return {(int(r["company_id"]), r["phone_number"], r["channel"]): int(r["id"]) for r in rows}
+
+    async def _conversations(
+        self,
+        conn: asyncpg.Connection,
+        names: dict[ContactKey, str | None],
+        contact_ids: dict[ContactKey, int],
+    ) -> dict[ContactKey, int]:
+        # Which conversations were created matters only to auto-replies (the per-record path).
+        if not names:
+            return {}
+        keys = sorted(names, key=lambda k: (k[0], contact_ids[k]))
+        rows = await conn.fetch(
+            UPSERT_CONVERSATIONS,
+            [k[0] for k in keys],
+            [contact_ids[k] for k in keys],
+            [k[2] for k in keys],
+        )
+        by_contact = {int(r["contact_id"]): int(r["id"]) for r in rows}
+        return {k: by_contact[contact_ids[k]] for k in keys}
+
+    async def _messages(
+        self,
+        conn: asyncpg.Connection,
+        messages: list[_Message],
+        conversations: dict[ContactKey, int],
+        stats: BatchStats,
+    ) -> None:
+        if not messages:
+            return
+        unique: dict[tuple[int, str], _Message] = {}
+        for m in messages:
+            unique.setdefault((m.company_id, m.external_id), m)
+        batch = list(unique.values())
+        rows = await conn.fetch(
+            INSERT_MESSAGES,
+            [m.company_id for m in batch],
+            [conversations[m.contact] for m in batch],
+            [m.external_id for m in batch],
+            [m.direction for m in batch],
+            [m.kind for m in batch],
+            [m.body for m in batch],
+            [orjson.dumps(m.content).decode() for m in batch],
+            ["received" if m.direction == "inbound" else "sent" for m in batch],
+            [STATUS_RANK["received" if m.direction == "inbound" else "sent"] for m in batch],
+            [m.at for m in batch],
+        )
+        inserted = {(int(r["company_id"]), r["external_id"]): int(r["id"]) for r in rows}
+        stats.messages += len(inserted)
+        stats.duplicates += len(messages) - len(inserted)
+        if not inserted:
+            return
+        # One bump per conversation: its latest new message (the later one among equal times,
+        # as the per-record path leaves it), and how many new messages are inbound.
+        bumps: dict[int, tuple[datetime, int, str | None, int]] = {}
+        notify: list[tuple[int, int, int, str, str]] = []
+        for m in batch:
+            message_id = inserted.get((m.company_id, m.external_id))
+            if message_id is None:
+                continue
+            conversation_id = conversations[m.contact]
+            inbound = 1 if m.direction == "inbound" else 0
+            preview = _clip(m.body)
+            previous = bumps.get(conversation_id)
+            if previous is None:
+                bumps[conversation_id] = (m.at, message_id, preview, inbound)
+            else:
+                latest = m.at >= previous[0]
+                bumps[conversation_id] = (
+                    m.at if latest else previous[0],
+                    message_id if latest else previous[1],
+                    preview if latest else previous[2],
+                    previous[3] + inbound,
+                )
+            if inbound:
+                notify.append((m.company_id, conversation_id, message_id, m.title, preview or ""))
+        ids = sorted(bumps)
+        await conn.execute(
+            BUMP_CONVERSATIONS,
+            ids,
+            [bumps[i][1] for i in ids],
+            [bumps[i][0] for i in ids],
+            [bumps[i][2] for i in ids],
+            [bumps[i][3] for i in ids],
+        )
+        if notify:
+            result = await conn.execute(
+                NOTIFY,
+                [n[0] for n in notify],
+                [n[1] for n in notify],
+                [n[2] for n in notify],
+                [n[3] for n in notify],
+                [n[4] for n in notify],
+            )
+            stats.notifications += int(result.rsplit(" ", 1)[-1])
+
+    async def _statuses(
+        self,
+        conn: asyncpg.Connection,
+        statuses: list[_Status],
+        conversations: dict[ContactKey, int],
+        stats: BatchStats,
+    ) -> None:
+        if not statuses:
+            return
+        best: dict[tuple[int, str], _Status] = {}
+        for s in statuses:
+            key = (s.company_id, s.external_id)
+            held = best.get(key)
+            if held is None or s.rank > held.rank:
+                best[key] = s
+        keys = sorted(best)
+        rows = [best[k] for k in keys]
+        await conn.execute(
+            UPSERT_STATUSES,
+            [s.company_id for s in rows],
+            [conversations[s.contact] for s in rows],
+            [s.external_id for s in rows],
+            [s.state for s in rows],
+            [s.rank for s in rows],
+            [s.at for s in rows],
+            [orjson.dumps(s.error).decode() if s.error else None for s in rows],
+        )
+        stats.statuses += len(statuses)
+
+
+def _event_key(obj: str, entry_id: str, field: str, payload: Any) -> tuple[str, str]:
+    """The per-record path's event key (same digest), and the payload as JSON text."""
+    digest = hashlib.sha256(
+        orjson.dumps([obj, entry_id, field, payload], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    return digest, orjson.dumps(payload).decode()

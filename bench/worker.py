@@ -1,0 +1,557 @@
+"""Worker: webhooks/s from `meta.webhooks` to committed Postgres rows, against two baselines.
+
+A seeded backlog of N mixed records (WhatsApp messages of every type and their statuses out of
+order, Messenger and Instagram messages, other fields, 10% redelivered envelopes; several
+companies with two agents each) is produced once, in ingest's record format
+(`ingest.envelope.split_envelope` over `infra.meta_samples.build_plan` envelopes). Then each
+consumer reads the whole backlog in its own consumer group, on the same broker and database:
+
+- `faust-bare take(2000)` and `faust-bare noack_take(500)`: a Faust agent that only decodes each
+  record (bench/faust_bare.py): Faust's ceiling, the first with the issue's `take(2000)`, the
+  second with the worker's own stream usage;
+- `cortexx worker x1` and `x2`: the real worker process(es), until every row is committed;
+- `faust + set writer` / `faust + sets`: the recommended worker, prototyped (bench/faust_bare.py
+  modes `sets`, `sets-overlap`): the worker's `noack_take` with bench/setwriter.py instead of the
+  per-record SQL; then with one batch written while the next is gathered, bigger batches
+  (`take(2000, within=0.25 s)`), uvloop, and two processes;
+- `hand store`: aiokafka + asyncpg loop running the worker's per-record SQL (processors.store);
+- `hand sets`: the same loop with a set-based writer and overlapped batches (bench/setwriter.py):
+  the machine's ceiling.
+
+The database is emptied before each writing run, and the rows each one leaves are compared.
+Rates are records/s from the first committed batch to the last (join and start-up excluded).
+Targets: worker x1 >= 85% of the bare Faust agent; x2 >= 1.5 x1.
+
+    python -m bench.worker [--records 100000] [--profile] [--variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bench.common import (
+    BenchError,
+    BenchServices,
+    Child,
+    Profile,
+    add_tenant,
+    console,
+    keep_profile,
+    print_profile,
+    print_table,
+    py_spy_available,
+    save_result,
+    services,
+    summarize_profile,
+    tree_cpu_s,
+)
+from infra.db import connect
+from infra.meta_samples import build_plan
+from infra.topics import META_WEBHOOKS
+from ingest.envelope import split_envelope
+
+TENANTS = ("bench-a", "bench-b", "bench-c", "bench-d")
+TARGET_OF_BARE = 0.85
+TARGET_SCALING = 1.5
+RECOMMENDED = "faust + sets, overlapped, take(2000, 0.25 s), uvloop"
+RECOMMENDED_X2 = RECOMMENDED + " x2"
+
+TRUNCATE = """
+TRUNCATE notifications, auto_replies, messages, conversations, contacts, webhook_events
+RESTART IDENTITY CASCADE
+"""
+
+SNAPSHOT = """
+SELECT (SELECT count(*) FROM contacts) AS contacts,
+       (SELECT count(*) FROM conversations) AS conversations,
+       (SELECT count(*) FROM messages) AS messages,
+       (SELECT count(*) FROM messages WHERE status = 'received') AS received,
+       (SELECT count(*) FROM messages WHERE status = 'sent') AS sent,
+       (SELECT count(*) FROM messages WHERE status = 'delivered') AS delivered,
+       (SELECT count(*) FROM messages WHERE status = 'read') AS read,
+       (SELECT count(*) FROM messages WHERE status = 'failed') AS failed,
+       (SELECT count(*) FROM notifications) AS notifications,
+       (SELECT count(*) FROM webhook_events) AS events,
+       (SELECT coalesce(sum(unread_count), 0) FROM conversations) AS unread,
+       (SELECT count(*) FROM conversations c JOIN messages m ON m.id = c.last_message_id) AS last_set
+"""
+
+
+# --------------------------------------------------------------------------- the backlog
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def generate(n: int, seed: int = 42) -> list[tuple[bytes, bytes]]:
+    """N topic records (key, value) exactly as ingest produces them, from seeded plans."""
+    records: list[tuple[bytes, bytes]] = []
+    chunk = 0
+    with _progress() as progress:
+        task = progress.add_task("generating webhooks", total=n)
+        while len(records) < n:
+            tenant = TENANTS[chunk % len(TENANTS)]
+            plan = build_plan(
+                seed=seed * 100_003 + chunk,
+                contacts=100,
+                messages_per_contact=10,
+                phone_number_id=f"1065403522{chunk:05d}",
+                display_phone_number=f"1555{chunk:07d}",
+                waba_id=f"1022901293{chunk:05d}",
+                page_id=f"1122334455{chunk:05d}",
+                start_ts=1_700_000_000 + chunk * 86_400,
+            )
+            for i, envelope in enumerate(plan.webhooks):
+                records.extend(
+                    split_envelope(
+                        envelope,
+                        tenant=tenant,
+                        request_id=f"bench-{seed}-{chunk}-{i}",
+                        received_at_ms=1_700_000_000_000 + chunk * 86_400_000 + i,
+                    )
+                )
+            progress.update(task, completed=min(n, len(records)))
+            chunk += 1
+    return records[:n]
+
+
+async def produce(bootstrap: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+        enable_idempotence=False,
+    )
+    await producer.start()
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"producing to {META_WEBHOOKS}", total=len(records))
+            for start in range(0, len(records), 5000):
+                chunk = records[start : start + 5000]
+                futures = [await producer.send(META_WEBHOOKS, value, key=key) for key, value in chunk]
+                await asyncio.gather(*futures)
+                progress.update(task, advance=len(chunk))
+    finally:
+        await producer.stop()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    name: str
+    kind: str  # "bare" | "worker" | "hand"
+    records: int = 0
+    seconds: float = 0.0
+    rate: float = 0.0
+    cpu_s: float = 0.0
+    pg_cpu_s: float = 0.0
+    batches: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
+    stalled: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "records": self.records,
+            "seconds": round(self.seconds, 2),
+            "rate": round(self.rate, 1),
+            "cpu_s": round(self.cpu_s, 2),
+            "pg_cpu_s": round(self.pg_cpu_s, 2),
+            "batches": self.batches,
+            "stalled": self.stalled,
+            "rows": self.rows,
+            "profile": self.profile,
+        }
+
+
+def _batches(child: Child) -> list[tuple[float, int]]:
+    out: list[tuple[float, int]] = []
+    for line in child.log_lines():
+        event = line.get("event")
+        if event == "bench.batch":
+            out.append((float(line["t"]), int(line["records"])))
+        elif event == "webhooks.batch_stored":
+            at = datetime.fromisoformat(str(line["timestamp"])).timestamp()
+            out.append((at, int(line["records"])))
+    return out
+
+
+def measure(
+    svc: BenchServices,
+    run: Run,
+    children: list[Child],
+    expect: int,
+    *,
+    timeout_s: float,
+    stall_s: float = 10.0,
+    profile_dir: Path | None = None,
+) -> Run:
+    """Start the children, wait until they handled `expect` records, stop them; fill in `run`."""
+    pg_before = svc.postgres_cpu_s()
+    spies: list[Profile] = []
+    try:
+        for child in children:
+            child.start()
+        deadline = time.monotonic() + timeout_s
+        done = last_done = 0
+        last_progress = time.monotonic()
+        cpu_first: float | None = None
+        with _progress() as progress:
+            task = progress.add_task(run.name, total=expect)
+            while True:
+                batches = [b for child in children for b in _batches(child)]
+                done = sum(n for _, n in batches)
+                progress.update(task, completed=min(done, expect))
+                if batches and cpu_first is None:
+                    # From the first batch on: start-up (imports, group join) is not the work.
+                    cpu_first = sum(tree_cpu_s(c.pid) for c in children)
+                    if profile_dir is not None:
+                        spies = [
+                            Profile(
+                                c.pid, profile_dir / f"{run.name.replace(' ', '_')}-{i}.pyspy.txt"
+                            ).start()
+                            for i, c in enumerate(children)
+                        ]
+                if spies and done >= 0.9 * expect:
+                    for spy in spies:
+                        spy.stop()  # the steady state only, not the drain at the end
+                if done >= expect:
+                    break
+                if done > last_done:
+                    last_done, last_progress = done, time.monotonic()
+                elif done and time.monotonic() - last_progress > stall_s:
+                    console.print(f"[yellow]{run.name}: stalled at {done:,}/{expect:,} records[/]")
+                    run.stalled = True
+                    break
+                for child in children:
+                    if not child.alive():
+                        raise BenchError(f"{child.name} exited:\n{child.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{run.name}: {done}/{expect} records after {timeout_s}s")
+                time.sleep(0.25)
+        for spy in spies:
+            spy.stop()
+        run.cpu_s = sum(tree_cpu_s(c.pid) for c in children) - (cpu_first or 0.0)
+        run.pg_cpu_s = svc.postgres_cpu_s() - pg_before
+    finally:
+        for spy in spies:
+            spy.stop()
+        for child in children:
+            child.stop()
+    batches = sorted(b for child in children for b in _batches(child))
+    run.batches = len(batches)
+    run.records = sum(n for _, n in batches)
+    if len(batches) >= 2:
+        run.seconds = batches[-1][0] - batches[0][0]
+        run.rate = (run.records - batches[0][1]) / run.seconds if run.seconds > 0 else 0.0
+    if spies:
+        keep_profile(spies[0].out, f"worker-{spies[0].out.stem.removesuffix('-0.pyspy')}")
+        run.profile = summarize_profile(spies[0].out)
+    return run
+
+
+async def _sql(url: str, query: str) -> dict[str, int]:
+    conn = await connect(url)
+    try:
+        row = await conn.fetchrow(query) if query.lstrip().startswith("SELECT") else None
+        if row is None:
+            await conn.execute(query)
+            return {}
+        return {k: int(v) for k, v in row.items()}
+    finally:
+        await conn.close()
+
+
+def run(
+    records: int = 100_000,
+    *,
+    seed: int = 42,
+    profile: bool = False,
+    variants: bool = False,
+    profile_only: bool = False,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
+    profile = profile or profile_only
+    with services("worker") as svc:
+        for slug in TENANTS:
+            asyncio.run(add_tenant(svc.database_url, slug, agents=2))
+        backlog = generate(records, seed)
+        size = sum(len(v) for _, v in backlog) / len(backlog)
+        console.print(f"{len(backlog):,} records, {size:.0f} bytes each on average")
+        asyncio.run(produce(svc.bootstrap, backlog))
+        del backlog
+        log_dir = svc.data_dir
+        profile_dir = log_dir if profile and py_spy_available() else None
+        runs: list[Run] = []
+        n = 0
+
+        def group(name: str) -> str:
+            nonlocal n
+            n += 1
+            return f"bench-{n}-{name}"
+
+        def bare(name: str, *args: str, prof: bool = False) -> Run:
+            g = group("bare")
+            child = Child.module(
+                f"bare-{n}",
+                "bench.faust_bare",
+                ["--bootstrap", svc.bootstrap, "--group", g, *args],
+                svc.env(),
+                log_dir,
+            )
+            result = measure(
+                svc,
+                Run(name, "bare"),
+                [child],
+                records,
+                timeout_s=timeout_s,
+                profile_dir=profile_dir if prof else None,
+            )
+            console.print(f"{name}: {result.rate:,.0f} records/s")
+            return result
+
+        def workers(name: str, count: int, *, prof: bool = False, **settings: Any) -> Run:
+            asyncio.run(_sql(svc.database_url, TRUNCATE))
+            g = group("worker")
+            children = [
+                Child.cortexx(f"worker-{n}-{i}", ["worker"], svc.env(worker_app_id=g, **settings), log_dir)
+                for i in range(count)
+            ]
+            result = measure(
+                svc,
+                Run(name, "worker"),
+                children,
+                records,
+                timeout_s=timeout_s,
+                profile_dir=profile_dir if prof else None,
+            )
+            result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
+            console.print(f"{name}: {result.rate:,.0f} records/s")
+            return result
+
+        def hand(name: str, *args: str, count: int = 1) -> Run:
+            asyncio.run(_sql(svc.database_url, TRUNCATE))
+            g = group("hand")
+            children = [
+                Child.module(
+                    f"hand-{n}-{i}",
+                    "bench.handloop",
+                    ["--bootstrap", svc.bootstrap, "--database-url", svc.database_url, "--group", g, *args],
+                    svc.env(),
+                    log_dir,
+                )
+                for i in range(count)
+            ]
+            result = measure(svc, Run(name, "hand"), children, records, timeout_s=timeout_s)
+            result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
+            console.print(f"{name}: {result.rate:,.0f} records/s")
+            return result
+
+        def faust_sets(name: str, mode: str, *extra: str, count: int = 1, prof: bool = False) -> Run:
+            asyncio.run(_sql(svc.database_url, TRUNCATE))
+            g = group("sets")
+            argv = ["--bootstrap", svc.bootstrap, "--group", g, "--mode", mode, "--batch", "500"]
+            children = [
+                Child.module(
+                    f"sets-{n}-{i}",
+                    "bench.faust_bare",
+                    [*argv, "--database-url", svc.database_url, *extra],
+                    svc.env(),
+                    log_dir,
+                )
+                for i in range(count)
+            ]
+            result = measure(
+                svc,
+                Run(name, "faust+sets"),
+                children,
+                records,
+                timeout_s=timeout_s,
+                profile_dir=profile_dir if prof else None,
+            )
+            result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
+            console.print(f"{name}: {result.rate:,.0f} records/s")
+            return result
+
+        big = ("--batch", "2000", "--within", "0.25")
+        if not profile_only:
+            runs.append(bare("faust-bare take(2000)", "--mode", "take", "--batch", "2000"))
+            runs.append(bare("faust-bare noack_take(500)", "--mode", "noack_take", "--batch", "500"))
+            runs.append(bare("faust-bare take(2000) uvloop", "--mode", "take", "--batch", "2000", "--uvloop"))
+            if variants:
+                runs.append(
+                    bare(
+                        "faust-bare take(2000) big buffers",
+                        "--mode",
+                        "take",
+                        "--batch",
+                        "2000",
+                        "--setting",
+                        "stream_buffer_maxsize=32768",
+                        "--setting",
+                        "broker_max_poll_records=5000",
+                    )
+                )
+            runs.append(workers("cortexx worker x1", 1))
+            runs.append(workers("cortexx worker x2", 2))
+            runs.append(faust_sets("faust + set writer (prototype)", "sets"))
+            runs.append(faust_sets("faust + set writer, overlapped", "sets-overlap"))
+            runs.append(faust_sets("faust + sets, overlapped, take(2000, 0.25 s)", "sets-overlap", *big))
+            runs.append(faust_sets(RECOMMENDED, "sets-overlap", *big, "--uvloop"))
+            runs.append(faust_sets(RECOMMENDED_X2, "sets-overlap", *big, "--uvloop", count=2))
+            if variants:
+                runs.append(faust_sets("faust + set writer, overlapped x2", "sets-overlap", count=2))
+            runs.append(hand("hand store (per-record SQL)", "--writer", "store", "--no-overlap"))
+            runs.append(hand("hand sets (set-based, overlapped)", "--writer", "sets"))
+            if variants:
+                runs.append(hand("hand sets x2", "--writer", "sets", count=2))
+        if profile_dir is not None:
+            profiled = [
+                bare("profile: faust-bare take(2000)", "--mode", "take", "--batch", "2000", prof=True),
+                workers("profile: cortexx worker x1", 1, prof=True),
+                faust_sets(f"profile: {RECOMMENDED}", "sets-overlap", *big, "--uvloop", prof=True),
+            ]
+            for p in profiled:
+                if p.profile:
+                    print_profile(p.name, p.profile)
+            runs += profiled
+    if profile_only:
+        result = {"records": records, "runs": [r.row() for r in runs]}
+        save_result("worker-profile", result)
+        return result
+    return _report(records, runs)
+
+
+def _report(records: int, runs: list[Run]) -> dict[str, Any]:
+    measured = [r for r in runs if not r.name.startswith("profile:")]
+    by = {r.name: r for r in measured}
+    bare = by["faust-bare take(2000)"]
+    rows = []
+    for r in measured:
+        rows.append(
+            (
+                r.name,
+                r.rate,
+                r.rate / bare.rate if bare.rate else 0.0,
+                r.seconds,
+                1e6 * r.cpu_s / max(1, r.records),
+                1e6 * r.pg_cpu_s / max(1, r.records),
+                r.rows.get("messages"),
+                r.rows.get("notifications"),
+                f"{r.records:,}" + (" (stalled)" if r.stalled else ""),
+            )
+        )
+    print_table(
+        f"worker: {records:,} records from meta.webhooks (same run)",
+        [
+            "consumer",
+            "records/s",
+            "vs bare",
+            "seconds",
+            "CPU µs/rec (proc)",
+            "CPU µs/rec (PG)",
+            "messages",
+            "notif.",
+            "handled",
+        ],
+        rows,
+    )
+    writing = [r for r in measured if r.rows]
+    reference = writing[0].rows if writing else {}
+    same_rows = all(r.rows == reference for r in writing)
+    if not same_rows:
+        print_table(
+            "rows left by each writing run (they must be equal)",
+            ["run", *reference.keys()],
+            [(r.name, *r.rows.values()) for r in writing],
+        )
+    one = by["cortexx worker x1"]
+    two = by["cortexx worker x2"]
+    hand_sets = by["hand sets (set-based, overlapped)"]
+    bare_uvloop = by["faust-bare take(2000) uvloop"]
+    ratio_bare = one.rate / bare.rate if bare.rate else 0.0
+    scaling = two.rate / one.rate if one.rate else 0.0
+    summary = {
+        "worker_vs_bare": round(ratio_bare, 3),
+        "worker_vs_bare_noack500": round(one.rate / by["faust-bare noack_take(500)"].rate, 3),
+        "x2_vs_x1": round(scaling, 3),
+        "worker_vs_hand_store": round(one.rate / by["hand store (per-record SQL)"].rate, 3),
+        "worker_vs_hand_sets": round(one.rate / hand_sets.rate, 3) if hand_sets.rate else None,
+        "recommended_vs_bare": round(by[RECOMMENDED].rate / bare.rate, 3),
+        "recommended_vs_bare_uvloop": round(
+            by[RECOMMENDED].rate / by["faust-bare take(2000) uvloop"].rate, 3
+        ),
+        "recommended_x2_vs_x1": round(by[RECOMMENDED_X2].rate / by[RECOMMENDED].rate, 3),
+        "uvloop_bare_vs_bare": round(bare_uvloop.rate / bare.rate, 3),
+        "same_rows": same_rows,
+        "target_bare_met": ratio_bare >= TARGET_OF_BARE,
+        "target_scaling_met": scaling >= TARGET_SCALING,
+    }
+    for label, ok, value, target in (
+        ("worker x1 vs bare Faust", summary["target_bare_met"], ratio_bare, f">= {TARGET_OF_BARE}"),
+        ("worker x2 vs x1", summary["target_scaling_met"], scaling, f">= {TARGET_SCALING}"),
+    ):
+        console.print(f"{label}: {value:.2f} ({target}): [bold]{'MET' if ok else 'MISSED'}[/]")
+    console.print(
+        f"recommended worker (prototype: {RECOMMENDED}): {summary['recommended_vs_bare']:.2f} of bare "
+        f"({summary['recommended_vs_bare_uvloop']:.2f} of bare on uvloop), x2/x1 "
+        f"{summary['recommended_x2_vs_x1']:.2f}; uvloop raises the bare ceiling "
+        f"x{summary['uvloop_bare_vs_bare']:.2f}"
+    )
+    console.print(
+        f"worker vs hand-written loop: {summary['worker_vs_hand_store']:.2f} (same SQL), "
+        f"{summary['worker_vs_hand_sets']} (set-based); rows identical across runs: {same_rows}"
+    )
+    result = {"records": records, "runs": [r.row() for r in runs], "summary": summary}
+    path = save_result("worker", result)
+    console.print(f"results appended to {path}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=100_000, help="backlog size")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--profile", action="store_true", help="extra py-spy profiled runs (bare Faust, worker)"
+    )
+    parser.add_argument("--variants", action="store_true", help="also try Faust settings and 2 hand loops")
+    parser.add_argument("--profile-only", action="store_true", help="only the profiled runs")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
+    args = parser.parse_args(argv)
+    run(
+        args.records,
+        seed=args.seed,
+        profile=args.profile,
+        variants=args.variants,
+        profile_only=args.profile_only,
+        timeout_s=args.timeout,
+    )
+
+
+if __name__ == "__main__":
+    main()

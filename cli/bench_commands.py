@@ -1,0 +1,64 @@
+"""`cortexx bench ingest|worker|read|footprint`: the benchmarks of bench/, one command each.
+
+Each starts its own embedded Postgres and broker in a temp dir (never the ports of a running
+stack), runs its baselines in the same run, prints a table and appends its results to
+bench/results/<name>.json. See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` sub-command group to the `cortexx` command."""
+    bench_app = typer.Typer(
+        help="Benchmarks against same-run baselines (see BENCHMARKS.md).", no_args_is_help=True
+    )
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("ingest")
+    def bench_ingest(
+        duration: float = typer.Option(10.0, help="Seconds per measurement."),
+        profile: bool = typer.Option(False, help="Also profile ingest (py-spy) at 32 connections."),
+    ) -> None:
+        """Ingest req/s and p50/p99 (wrk) vs a bare FastAPI endpoint, at 8/32/128 connections."""
+        from bench.ingest import run
+
+        run(duration, profile=profile)
+
+    @bench_app.command("worker")
+    def bench_worker(
+        records: int = typer.Option(100_000, help="Size of the backlog on meta.webhooks."),
+        seed: int = typer.Option(42, help="Seed of the generated backlog."),
+        profile: bool = typer.Option(False, help="Also profile the bare Faust agent and the worker."),
+        variants: bool = typer.Option(False, help="Also try Faust settings and two hand-written loops."),
+        timeout: float = typer.Option(900.0, help="Seconds allowed per run."),
+    ) -> None:
+        """Worker records/s to Postgres vs a bare Faust agent and a hand-written aiokafka loop."""
+        from bench.worker import run
+
+        run(records, seed=seed, profile=profile, variants=variants, timeout_s=timeout)
+
+    @bench_app.command("read")
+    def bench_read(
+        companies: int = typer.Option(100, help="Companies in the generated data set."),
+        conversations: int = typer.Option(1_000_000, help="Conversations in the data set."),
+        messages: int = typer.Option(10_000_000, help="Messages in the data set."),
+        samples: int = typer.Option(200, help="Timed queries per case."),
+        seed: int = typer.Option(42, help="Seed of the generated data set."),
+    ) -> None:
+        """Keyset pagination p50/p99 at pages 1..5,000 vs OFFSET, on a generated data set."""
+        from bench.read import run
+
+        run(companies=companies, conversations=conversations, messages=messages, samples=samples, seed=seed)
+
+    @bench_app.command("footprint")
+    def bench_footprint(
+        duration: float = typer.Option(600.0, help="Seconds under load."),
+        rate: float = typer.Option(1000.0, help="Webhooks per second."),
+    ) -> None:
+        """RSS of ingest and worker under a steady load (chart: RSS over time)."""
+        from bench.footprint import run
+
+        run(duration, rate=rate)

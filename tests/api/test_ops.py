@@ -1,0 +1,100 @@
+"""The operators' console over HTTP: admins only, CSRF on replays, every view also JSON."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+
+from tests.api.world import World, auth, login
+from tests.support import CortexxProcess, wait_until
+
+
+async def _admin(db: asyncpg.Connection, world: World) -> None:
+    await db.execute("UPDATE users SET role = 'admin' WHERE id = $1", world.x.agent.id)
+
+
+async def test_agents_get_403_and_strangers_401(client: httpx.AsyncClient, ops_api: CortexxProcess, world):
+    anonymous = await client.get(f"{ops_api.url}/api/v1/ops/overview")
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "not_authenticated"
+    page = await client.get(f"{ops_api.url}/ops", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"].startswith("/ops/login")
+
+    cookie = await login(client, ops_api, world.x.agent)
+    for path in ("overview", "dead-letters", "tenants", "replays"):
+        response = await client.get(f"{ops_api.url}/api/v1/ops/{path}", headers=auth(cookie))
+        assert response.status_code == 403, path
+        assert response.json()["error"] == "forbidden"
+    html = await client.get(f"{ops_api.url}/ops", headers=auth(cookie))
+    assert html.status_code == 403 and "admins only" in html.text
+    replay = await client.post(
+        f"{ops_api.url}/api/v1/ops/dead-letters/replay",
+        json={"ids": [], "dry_run": False},
+        headers=auth(cookie),
+    )
+    assert replay.status_code == 403
+
+
+async def test_admin_sees_live_overview_and_every_json_view(
+    client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
+):
+    await _admin(db, world)
+    cookie = await login(client, ops_api, world.x.agent)
+
+    async def scraped():
+        r = await client.get(f"{ops_api.url}/api/v1/ops/overview", headers=auth(cookie))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        procs = body["processes"]
+        up = all(procs[p]["status"] == "up" for p in ("api", "ingest", "worker", "postgres", "broker"))
+        return body if up and len(body["series"]) >= 2 else None
+
+    body = await wait_until(scraped, timeout_s=20, what="ingest and worker scraped up")
+    assert set(body["lag"]["topics"]) == {"meta.webhooks", "wuzapi.outbound"}
+    assert any(k.startswith("meta.webhooks:") for k in body["lag"]["partitions"])
+    assert set(body["dead_letters"]) == {"meta.webhooks.dlq", "wuzapi.outbound.dlq"}
+
+    tenants = (await client.get(f"{ops_api.url}/api/v1/ops/tenants", headers=auth(cookie))).json()
+    mine = next(t for t in tenants["items"] if t["slug"] == world.x.tenant.slug)
+    assert mine["messages_total"] == 18 and mine["last_webhook_at"] is not None
+    assert mine["breaker_state"] in ("closed", "open", "half-open")
+    assert "wuzapi_token" not in mine
+
+    letters = await client.get(f"{ops_api.url}/api/v1/ops/dead-letters?tenant=nobody", headers=auth(cookie))
+    assert letters.status_code == 200 and letters.json() == {"items": [], "total": 0}
+    missing = await client.get(f"{ops_api.url}/api/v1/ops/dead-letters/nope:0:0", headers=auth(cookie))
+    assert missing.status_code == 404
+
+    for page in ("/ops", "/ops/dead-letters", "/ops/tenants", "/ops/charts/throughput.svg"):
+        response = await client.get(f"{ops_api.url}{page}", headers=auth(cookie))
+        assert response.status_code == 200, page
+    schema = (await client.get(f"{ops_api.url}/openapi.json")).json()
+    for path in (
+        "overview",
+        "dead-letters",
+        "dead-letters/{letter_id}",
+        "dead-letters/replay",
+        "tenants",
+        "replays",
+    ):
+        assert f"/api/v1/ops/{path}" in schema["paths"], path
+
+
+async def test_a_replay_that_sends_needs_the_csrf_token(
+    client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
+):
+    await _admin(db, world)
+    cookie = await login(client, ops_api, world.x.agent)
+    url = f"{ops_api.url}/api/v1/ops/dead-letters/replay"
+    body = {"filter": {"tenant": "nobody"}, "dry_run": False}
+    refused = await client.post(url, json=body, headers=auth(cookie))
+    assert refused.status_code == 403 and refused.json()["error"] == "csrf_failed"
+    forged = await client.post(url, json=body, headers={**auth(cookie), "X-CSRF-Token": "0" * 64})
+    assert forged.status_code == 403
+    page = (await client.get(f"{ops_api.url}/ops/dead-letters", headers=auth(cookie))).text
+    token = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+    accepted = await client.post(url, json=body, headers={**auth(cookie), "X-CSRF-Token": token})
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["matched"] == 0 and accepted.json()["dry_run"] is False
+    # A dry run previews without the token.
+    dry = await client.post(url, json={"filter": {"tenant": "nobody"}}, headers=auth(cookie))
+    assert dry.status_code == 200 and dry.json()["dry_run"] is True
