@@ -413,7 +413,8 @@ def keep_profile(path: Path, name: str) -> Path | None:
     """Copy a raw py-spy profile to bench/results/profiles/ (for flame graphs later)."""
     if not path.exists():
         return None
-    target = RESULTS_DIR / "profiles" / f"{name}.txt"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    target = RESULTS_DIR / "profiles" / f"{'-'.join(filter(None, slug.split('-')))}.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
     return target

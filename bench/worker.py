@@ -267,7 +267,7 @@ def measure(
         run.seconds = batches[-1][0] - batches[0][0]
         run.rate = (run.records - batches[0][1]) / run.seconds if run.seconds > 0 else 0.0
     if spies:
-        keep_profile(spies[0].out, f"worker-{spies[0].out.stem.removesuffix('-0.pyspy')}")
+        keep_profile(spies[0].out, f"worker-{run.name.removeprefix('profile: ')}")
         run.profile = summarize_profile(spies[0].out)
     return run
 

@@ -21,11 +21,12 @@ def register(app: typer.Typer) -> None:
     def bench_ingest(
         duration: float = typer.Option(10.0, help="Seconds per measurement."),
         profile: bool = typer.Option(False, help="Also profile ingest (py-spy) at 32 connections."),
+        profile_only: bool = typer.Option(False, help="Only the profiles, no measurement."),
     ) -> None:
         """Ingest req/s and p50/p99 (wrk) vs a bare FastAPI endpoint, at 8/32/128 connections."""
         from bench.ingest import run
 
-        run(duration, profile=profile)
+        run(duration, profile=profile, profile_only=profile_only)
 
     @bench_app.command("worker")
     def bench_worker(
@@ -33,12 +34,20 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(42, help="Seed of the generated backlog."),
         profile: bool = typer.Option(False, help="Also profile the bare Faust agent and the worker."),
         variants: bool = typer.Option(False, help="Also try Faust settings and two hand-written loops."),
+        profile_only: bool = typer.Option(False, help="Only the profiled runs."),
         timeout: float = typer.Option(900.0, help="Seconds allowed per run."),
     ) -> None:
         """Worker records/s to Postgres vs a bare Faust agent and a hand-written aiokafka loop."""
         from bench.worker import run
 
-        run(records, seed=seed, profile=profile, variants=variants, timeout_s=timeout)
+        run(
+            records,
+            seed=seed,
+            profile=profile,
+            variants=variants,
+            profile_only=profile_only,
+            timeout_s=timeout,
+        )
 
     @bench_app.command("read")
     def bench_read(

@@ -1,5 +1,6 @@
 """A WUZAPI simulator: WUZAPI's HTTP contract for what Cortexx uses, with fault injection
-switched at run time and a ledger of what it accepted, by message id.
+switched at run time and a ledger of what it delivered, by message id (a resend of a known id
+is counted but, as on WhatsApp, is the same message).
 
 The only outside party Cortexx simulates. Faults (`PUT /_sim/faults`): an error rate answering
 a chosen status, added latency, hanging calls, connections reset (`down`), a listener closed for
@@ -54,7 +55,8 @@ class Delivery:
     path: str
     phone: str
     body: str | None
-    accepted: int
+    accepted: int  # deliveries to the recipient: 1, whatever the resends of the same id
+    requests: int  # sends of this id the gateway accepted (a resend after a lost answer)
     first_at: float
 
 
@@ -148,11 +150,13 @@ class WuzapiSimulator:
         delivery = self.deliveries.get(message_id)
         if delivery is None:
             self.deliveries[message_id] = Delivery(
-                message_id, path, phone, None if body is None else str(body), 1, time.time()
+                message_id, path, phone, None if body is None else str(body), 1, 1, time.time()
             )
-        else:
-            delivery.accepted += 1
-            log.warning("wuzapi_sim.duplicate", id=message_id, accepted=delivery.accepted)
+            return
+        # WhatsApp keys a message by its id: the same id sent again is the same message, so the
+        # recipient still has one. A different id for the same reply would be a second delivery.
+        delivery.requests += 1
+        log.info("wuzapi_sim.resend", id=message_id, requests=delivery.requests)
 
     async def markread(self, request: web.Request) -> web.StreamResponse:
         refused = await self._faults_before(request)
