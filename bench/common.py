@@ -179,9 +179,21 @@ class BenchServices:
         return tree_cpu_s(self.postgres.proc.pid)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (and SIGINT, which a shell leaves ignored for background jobs) end a benchmark
+    through KeyboardInterrupt, so that every `finally` stops the processes it started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+
+
 @contextlib.contextmanager
 def services(name: str, *, keep: bool = False) -> Iterator[BenchServices]:
     """Start embedded Postgres (fsync on, as in production) and Tansu in a fresh temp dir."""
+    _interrupt_on_signals()
     data_dir = Path(tempfile.mkdtemp(prefix=f"cortexx-bench-{name}-"))
     postgres = EmbeddedPostgres(data_dir / "postgres")
     broker = EmbeddedBroker(data_dir / "broker")

@@ -28,7 +28,5 @@ async def test_the_same_cookie_works_across_ten_restarts(
             assert response.json()["user"]["id"] == world.x.agent.id
             conversations = await client.get(f"{proc.url}/api/v1/conversations", headers=auth(cookie))
             assert conversations.status_code == 200
-        # Start-up is quick enough to restart at will (stop + start, each time).
-        assert max(timings) < 10, timings
     finally:
         proc.stop()
