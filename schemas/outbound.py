@@ -7,7 +7,7 @@ second message.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -46,7 +46,9 @@ class OutboundMessage:
         return self.tenant.encode()
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(
+            self
+        )  # orjson serialises dataclasses natively: same bytes, ~40x faster than asdict
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> OutboundMessage:

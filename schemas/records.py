@@ -7,7 +7,7 @@ conversation's events keep their order on one partition.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -36,7 +36,9 @@ class WebhookRecord:
     v: int = WEBHOOK_RECORD_VERSION
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(
+            self
+        )  # orjson serialises dataclasses natively: same bytes, ~40x faster than asdict
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> WebhookRecord:
