@@ -70,6 +70,34 @@ def failure(
     return info, list(prior.history)
 
 
+def letter_for(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    tenant: str | None,
+    exc: BaseException,
+    attempts: int,
+    prior: Prior | None = None,
+) -> DeadLetter:
+    """The dead letter of a record as it came off its topic, continuing any replay history."""
+    info, history = failure(exc, attempts=attempts, prior=prior or prior_of(headers))
+    return DeadLetter.of(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key,
+        value=value,
+        headers=headers,
+        error=info,
+        tenant=tenant,
+        history=history,
+    )
+
+
 class DeadLetterWriter:
     """Produces dead letters durably; a broker outage is waited out, never a reason to drop one."""
 

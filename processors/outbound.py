@@ -28,10 +28,9 @@ from tenacity.wait import wait_base, wait_random_exponential
 
 from infra.logging import get_logger
 from infra.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
-from processors.deadletter import DeadLetterWriter, Prior, failure, prior_of
+from processors.deadletter import DeadLetterWriter, Prior, letter_for, prior_of
 from processors.webhooks import RawRecord, is_transient
 from processors.wuzapi import BreakerOpen, WuzapiClient, WuzapiPermanent, WuzapiTransient
-from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage, OutboundRecordError
 
 log = get_logger("processors.outbound")
@@ -213,18 +212,19 @@ class OutboundSender:
     async def _dead_letter(
         self, raw: RawRecord, tenant: str | None, exc: BaseException, *, attempts: int, prior: Prior
     ) -> None:
-        info, history = failure(exc, attempts=attempts, prior=prior)
-        letter = DeadLetter.of(
+        letter = letter_for(
             topic=raw.topic,
             partition=raw.partition,
             offset=raw.offset,
             key=raw.key,
             value=raw.value,
             headers=raw.headers,
-            error=info,
             tenant=tenant,
-            history=history,
+            exc=exc,
+            attempts=attempts,
+            prior=prior,
         )
+        info = letter.error
         log.error(
             "outbound.dead_lettered",
             tenant=tenant,

@@ -9,7 +9,6 @@ nothing is acknowledged meanwhile.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,8 +18,9 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from infra.logging import get_logger
 from processors.autoreply import CompanyCache
+from processors.deadletter import letter_for
 from processors.store import BatchStats, PoisonRecord, Store
-from schemas.deadletter import DeadLetter, FailureInfo
+from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
 from schemas.records import RecordError, WebhookRecord
 
@@ -141,8 +141,8 @@ class WebhookWriter:
         return store
 
     async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
-        now = int(time.time() * 1000)
-        letter = DeadLetter.of(
+        # A replayed record that is still poison keeps its attempts and history.
+        letter = letter_for(
             topic=raw.topic,
             partition=raw.partition,
             offset=raw.offset,
@@ -150,13 +150,8 @@ class WebhookWriter:
             value=raw.value,
             headers=raw.headers,
             tenant=tenant,
-            error=FailureInfo(
-                type=type(exc).__name__,
-                message=str(exc)[:2000],
-                attempts=1,
-                first_failure_ms=now,
-                last_failure_ms=now,
-            ),
+            exc=exc,
+            attempts=1,
         )
         log.error(
             "webhooks.dead_lettered",

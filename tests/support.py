@@ -179,6 +179,15 @@ async def wait_until(
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
 
 
+async def http_ok(url: str) -> bool:
+    """Whether `url` answers 200 now (a process still starting answers nothing)."""
+    try:
+        async with httpx.AsyncClient(timeout=1) as client:
+            return (await client.get(url)).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 async def post_signed(
     client: httpx.AsyncClient,
     base_url: str,

@@ -17,7 +17,7 @@ import psutil
 from infra.embedded import free_port
 from tests.api.world import auth, login, new_company
 from tests.faults.report import record
-from tests.support import CortexxProcess, ServiceUrls, Simulator, wait_until
+from tests.support import CortexxProcess, ServiceUrls, Simulator, http_ok, wait_until
 
 
 def _p99(samples: list[float]) -> float:
@@ -85,15 +85,7 @@ async def test_api_stdout_closed_exits_0(services: ServiceUrls, api: CortexxProc
     )
     assert proc.stdout is not None
     try:
-
-        async def healthy() -> bool:
-            try:
-                async with httpx.AsyncClient(timeout=1) as client:
-                    return (await client.get(f"{probe.url}/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(healthy, what="api up")
+        await wait_until(lambda: http_ok(f"{probe.url}/health"), what="api up")
         proc.stdout.close()
         code = await asyncio.to_thread(proc.wait, 30)
     finally:
@@ -122,15 +114,9 @@ async def test_up_stdout_closed_stops_everything_cleanly(tmp_path):
     )
     assert proc.stdout is not None
     try:
-
-        async def healthy() -> bool:
-            try:
-                async with httpx.AsyncClient(timeout=1) as client:
-                    return (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(healthy, timeout_s=60, what="the stack up")
+        await wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout_s=60, what="the stack up"
+        )
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.stdout.close()
         code = await asyncio.to_thread(proc.wait, 60)

@@ -16,7 +16,7 @@ from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS
 from tests.faults.load import run_load
 from tests.faults.report import record
-from tests.support import CortexxProcess, ServiceUrls, read_topic, wait_until
+from tests.support import CortexxProcess, ServiceUrls, http_ok, read_topic, wait_until
 
 
 async def _on_topic(bootstrap: str) -> set[str]:
@@ -67,7 +67,7 @@ async def test_stdout_closed_under_load_exits_0_and_loses_nothing(services: Serv
     )
     assert proc.stdout is not None
     try:
-        await wait_until(lambda: _health(port), what="ingest up")
+        await wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), what="ingest up")
         stop = asyncio.Event()
         load = asyncio.create_task(run_load(ingest.url, tenant, concurrency=16, stop=stop))
         await asyncio.sleep(1.0)
@@ -91,16 +91,6 @@ async def test_stdout_closed_under_load_exits_0_and_loses_nothing(services: Serv
         lost=len(lost),
         exit_code=code,
     )
-
-
-async def _health(port: int | None) -> bool:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=0.5) as client:
-            return (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.mark.parametrize("outage", ["stopped", "paused"])
