@@ -1,8 +1,5 @@
 """The worker's first baseline: a bare Faust agent on `meta.webhooks` that only decodes each record.
 
-(Modes `sets` and `sets-overlap` are not a baseline but the recommended worker, prototyped: the
-worker's own `noack_take` usage writing each batch with bench.setwriter.SetWriter.)
-
 The same Faust settings as the `cortexx worker` app (processors/app.py), no database, no
 producer: what remains is Faust's own per-event cost, the ceiling of any Faust agent here.
 It writes one JSON line per batch to stdout (`{"event": "bench.batch", "records": n, "t": ...}`)
@@ -15,7 +12,6 @@ and runs until stopped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -24,13 +20,10 @@ from typing import Any
 import faust
 import orjson
 
-from bench.setwriter import SetWriter
-from infra.db import create_pool
 from infra.topics import META_WEBHOOKS
-from processors.autoreply import CompanyCache
 from schemas.records import WebhookRecord
 
-MODES = ("take", "noack_take", "events", "sets", "sets-overlap")
+MODES = ("take", "noack_take", "events")
 
 
 def _value(text: str) -> Any:
@@ -50,7 +43,6 @@ def create_app(
     batch: int,
     within: float,
     extra: dict[str, Any],
-    database_url: str | None = None,
 ) -> faust.App:
     settings: dict[str, Any] = {
         "broker": f"kafka://{bootstrap}",
@@ -94,32 +86,6 @@ def create_app(
                 for event in events:
                     await stream.ack(event)
                 emit(len(events))
-        elif mode in ("sets", "sets-overlap"):
-            # The recommended worker: the worker's stream usage, with the set-based writer; in
-            # `sets-overlap` one batch is written while Faust gathers the next (acked in order).
-            assert database_url
-            pool = await create_pool(database_url, min_size=2, max_size=4)
-            writer = SetWriter(CompanyCache(30.0))
-            in_flight: asyncio.Future[None] | None = None
-
-            async def write(events: list[Any], records: list[WebhookRecord]) -> None:
-                async with pool.acquire() as conn, conn.transaction():
-                    await writer.write(conn, records)
-                for event in events:
-                    await stream.ack(event)
-                emit(len(events))
-
-            try:
-                async for events in stream.noack_take(batch, within=within):  # type: ignore[attr-defined]
-                    records = [WebhookRecord.from_bytes(event.message.value) for event in events]
-                    if in_flight is not None:
-                        await in_flight
-                    in_flight = asyncio.ensure_future(write(list(events), records))
-                    if mode == "sets":
-                        await in_flight
-                        in_flight = None
-            finally:
-                await pool.close()
         else:
             async for event in stream.events():
                 WebhookRecord.from_bytes(event.message.value)
@@ -149,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--within", type=float, default=0.05)
     parser.add_argument("--setting", action="append", default=[], help="a Faust setting, name=value")
-    parser.add_argument("--database-url", help="for the sets modes")
     parser.add_argument("--uvloop", action="store_true", help="run Faust on uvloop (mode.loop.use)")
     args = parser.parse_args(argv)
     if args.uvloop:
@@ -164,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
         batch=args.batch,
         within=args.within,
         extra=extra,
-        database_url=args.database_url,
     )
     from faust.worker import Worker
 

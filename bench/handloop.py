@@ -3,11 +3,12 @@
 No Faust: `getmany` batches of up to `--batch` records, decoded, written in one transaction, the
 offsets committed after it. Two writers:
 
-- `store`: `processors.store.Store.apply` per record (the worker's own SQL, one round trip per
-  statement): what the worker would do without Faust's per-event cost;
-- `sets`: bench.setwriter.SetWriter, a fixed number of set-based statements per batch, with the
-  next batch fetched and decoded while the database writes the previous one (one batch in
-  flight, so offsets are still committed in order): the machine's ceiling.
+- `store`: `processors.store.Store.apply` per record (the worker's former SQL, one round trip per
+  statement): what the worker did before its batch path;
+- `sets`: processors.batch_store.BatchStore (the worker's own batch path), a fixed number of
+  set-based statements per batch, with the next batch fetched and decoded while the database
+  writes the previous one (one batch in flight, so offsets are still committed in order):
+  the machine's ceiling.
 
 It writes one JSON line per batch to stdout (`{"event": "bench.batch", "records": n, "t": ...}`)
 and runs until SIGTERM.
@@ -27,10 +28,10 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.setwriter import SetWriter
 from infra.db import create_pool
 from infra.topics import META_WEBHOOKS
 from processors.autoreply import CompanyCache
+from processors.batch_store import BatchStore
 from processors.store import Store
 from schemas.records import WebhookRecord
 
@@ -64,12 +65,11 @@ async def run(
     await consumer.start()
     pool = await create_pool(database_url, min_size=2, max_size=4)
     companies = CompanyCache(30.0)
-    sets = SetWriter(companies)
 
     async def write(records: list[WebhookRecord], offsets: dict[TopicPartition, int]) -> None:
         async with pool.acquire() as conn, conn.transaction():
             if writer == "sets":
-                await sets.write(conn, records)
+                await BatchStore(conn, companies).write(records)
             else:
                 store = Store(conn, companies)
                 for record in records:

@@ -9,14 +9,13 @@ consumer reads the whole backlog in its own consumer group, on the same broker a
 - `faust-bare take(2000)` and `faust-bare noack_take(500)`: a Faust agent that only decodes each
   record (bench/faust_bare.py): Faust's ceiling, the first with the issue's `take(2000)`, the
   second with the worker's own stream usage;
-- `cortexx worker x1` and `x2`: the real worker process(es), until every row is committed;
-- `faust + set writer` / `faust + sets`: the recommended worker, prototyped (bench/faust_bare.py
-  modes `sets`, `sets-overlap`): the worker's `noack_take` with bench/setwriter.py instead of the
-  per-record SQL; then with one batch written while the next is gathered, bigger batches
-  (`take(2000, within=0.25 s)`), uvloop, and two processes;
-- `hand store`: aiokafka + asyncpg loop running the worker's per-record SQL (processors.store);
-- `hand sets`: the same loop with a set-based writer and overlapped batches (bench/setwriter.py):
-  the machine's ceiling.
+- `faust-bare take(2000) uvloop`: the same on uvloop, as the worker runs;
+- `cortexx worker x1` and `x2`: the real worker process(es) (uvloop, `BatchStore`), until every
+  row is committed;
+- `hand store`: aiokafka + asyncpg loop running the per-record SQL (processors.store.Store), what
+  the worker did before its batch path;
+- `hand sets`: the same loop with the worker's batch path (processors.batch_store) and overlapped
+  batches: the machine's ceiling without Faust.
 
 The database is emptied before each writing run, and the rows each one leaves are compared.
 Rates are records/s from the first committed batch to the last (join and start-up excluded).
@@ -62,8 +61,6 @@ from ingest.envelope import split_envelope
 TENANTS = ("bench-a", "bench-b", "bench-c", "bench-d")
 TARGET_OF_BARE = 0.85
 TARGET_SCALING = 1.5
-RECOMMENDED = "faust + sets, overlapped, take(2000, 0.25 s), uvloop"
-RECOMMENDED_X2 = RECOMMENDED + " x2"
 
 TRUNCATE = """
 TRUNCATE notifications, auto_replies, messages, conversations, contacts, webhook_events
@@ -369,33 +366,6 @@ def run(
             console.print(f"{name}: {result.rate:,.0f} records/s")
             return result
 
-        def faust_sets(name: str, mode: str, *extra: str, count: int = 1, prof: bool = False) -> Run:
-            asyncio.run(_sql(svc.database_url, TRUNCATE))
-            g = group("sets")
-            argv = ["--bootstrap", svc.bootstrap, "--group", g, "--mode", mode, "--batch", "500"]
-            children = [
-                Child.module(
-                    f"sets-{n}-{i}",
-                    "bench.faust_bare",
-                    [*argv, "--database-url", svc.database_url, *extra],
-                    svc.env(),
-                    log_dir,
-                )
-                for i in range(count)
-            ]
-            result = measure(
-                svc,
-                Run(name, "faust+sets"),
-                children,
-                records,
-                timeout_s=timeout_s,
-                profile_dir=profile_dir if prof else None,
-            )
-            result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
-            console.print(f"{name}: {result.rate:,.0f} records/s")
-            return result
-
-        big = ("--batch", "2000", "--within", "0.25")
         if not profile_only:
             runs.append(bare("faust-bare take(2000)", "--mode", "take", "--batch", "2000"))
             runs.append(bare("faust-bare noack_take(500)", "--mode", "noack_take", "--batch", "500"))
@@ -416,13 +386,15 @@ def run(
                 )
             runs.append(workers("cortexx worker x1", 1))
             runs.append(workers("cortexx worker x2", 2))
-            runs.append(faust_sets("faust + set writer (prototype)", "sets"))
-            runs.append(faust_sets("faust + set writer, overlapped", "sets-overlap"))
-            runs.append(faust_sets("faust + sets, overlapped, take(2000, 0.25 s)", "sets-overlap", *big))
-            runs.append(faust_sets(RECOMMENDED, "sets-overlap", *big, "--uvloop"))
-            runs.append(faust_sets(RECOMMENDED_X2, "sets-overlap", *big, "--uvloop", count=2))
             if variants:
-                runs.append(faust_sets("faust + set writer, overlapped x2", "sets-overlap", count=2))
+                runs.append(
+                    workers(
+                        "cortexx worker x1, batches of 2000 / 250 ms",
+                        1,
+                        worker_batch_max=2000,
+                        worker_batch_within_s=0.25,
+                    )
+                )
             runs.append(hand("hand store (per-record SQL)", "--writer", "store", "--no-overlap"))
             runs.append(hand("hand sets (set-based, overlapped)", "--writer", "sets"))
             if variants:
@@ -431,7 +403,15 @@ def run(
             profiled = [
                 bare("profile: faust-bare take(2000)", "--mode", "take", "--batch", "2000", prof=True),
                 workers("profile: cortexx worker x1", 1, prof=True),
-                faust_sets(f"profile: {RECOMMENDED}", "sets-overlap", *big, "--uvloop", prof=True),
+                bare(
+                    "profile: faust-bare take(2000) uvloop",
+                    "--mode",
+                    "take",
+                    "--batch",
+                    "2000",
+                    "--uvloop",
+                    prof=True,
+                ),
             ]
             for p in profiled:
                 if p.profile:
@@ -499,11 +479,7 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
         "x2_vs_x1": round(scaling, 3),
         "worker_vs_hand_store": round(one.rate / by["hand store (per-record SQL)"].rate, 3),
         "worker_vs_hand_sets": round(one.rate / hand_sets.rate, 3) if hand_sets.rate else None,
-        "recommended_vs_bare": round(by[RECOMMENDED].rate / bare.rate, 3),
-        "recommended_vs_bare_uvloop": round(
-            by[RECOMMENDED].rate / by["faust-bare take(2000) uvloop"].rate, 3
-        ),
-        "recommended_x2_vs_x1": round(by[RECOMMENDED_X2].rate / by[RECOMMENDED].rate, 3),
+        "worker_vs_bare_uvloop": round(one.rate / bare_uvloop.rate, 3),
         "uvloop_bare_vs_bare": round(bare_uvloop.rate / bare.rate, 3),
         "same_rows": same_rows,
         "target_bare_met": ratio_bare >= TARGET_OF_BARE,
@@ -515,14 +491,12 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
     ):
         console.print(f"{label}: {value:.2f} ({target}): [bold]{'MET' if ok else 'MISSED'}[/]")
     console.print(
-        f"recommended worker (prototype: {RECOMMENDED}): {summary['recommended_vs_bare']:.2f} of bare "
-        f"({summary['recommended_vs_bare_uvloop']:.2f} of bare on uvloop), x2/x1 "
-        f"{summary['recommended_x2_vs_x1']:.2f}; uvloop raises the bare ceiling "
-        f"x{summary['uvloop_bare_vs_bare']:.2f}"
+        f"worker x1 vs bare Faust on uvloop: {summary['worker_vs_bare_uvloop']:.2f}; uvloop raises the "
+        f"bare ceiling x{summary['uvloop_bare_vs_bare']:.2f}"
     )
     console.print(
-        f"worker vs hand-written loop: {summary['worker_vs_hand_store']:.2f} (same SQL), "
-        f"{summary['worker_vs_hand_sets']} (set-based); rows identical across runs: {same_rows}"
+        f"worker vs hand-written loop: {summary['worker_vs_hand_sets']} (same batch path), "
+        f"{summary['worker_vs_hand_store']:.2f} (per-record SQL); rows identical across runs: {same_rows}"
     )
     result = {"records": records, "runs": [r.row() for r in runs], "summary": summary}
     path = save_result("worker", result)

@@ -457,7 +457,7 @@ class Store:
             return
         if duplicate:
             for row in await self.conn.fetch(PENDING_AUTO_REPLIES, company.id, conversation_id):
-                self._queue_reply(company, conversation_id, contact, row["outbound_id"], row["body"])
+                self.queue_reply(company, conversation_id, contact, row["outbound_id"], row["body"])
             return
         due = auto_replies_due(company, at, new_conversation=conversation_id in self._created)
         for kind, window, text in due:
@@ -470,9 +470,9 @@ class Store:
             await self.conn.execute(
                 INSERT_PENDING_REPLY, company.id, conversation_id, outbound_id, text, {"auto_reply": kind}
             )
-            self._queue_reply(company, conversation_id, contact, outbound_id, text)
+            self.queue_reply(company, conversation_id, contact, outbound_id, text)
 
-    def _queue_reply(
+    def queue_reply(
         self, company: Company, conversation_id: int, contact: str, outbound_id: str, text: str
     ) -> None:
         self.outbound.append(

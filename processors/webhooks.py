@@ -1,7 +1,8 @@
 """The `webhooks` agent's work: a batch of `meta.webhooks` records into Postgres, once.
 
-A batch is written in one transaction. If a record in it is poison (undecodable, or refused by
-the database for its content), the batch is redone with a savepoint per record, the poison ones
+A batch is written in one transaction, with a fixed number of set-based statements
+(`BatchStore`). If a record in it is poison (undecodable, or refused by the database for its
+content), the batch is redone record by record (`Store`) with a savepoint each, the poison ones
 go to `meta.webhooks.dlq` with their error, and the rest are written. A database that is down
 is not poison: the batch is retried with backoff until it succeeds or the worker stops, and
 nothing is acknowledged meanwhile.
@@ -18,6 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from infra.logging import get_logger
 from processors.autoreply import CompanyCache
+from processors.batch_store import BatchStore
 from processors.deadletter import letter_for
 from processors.store import BatchStats, PoisonRecord, Store
 from schemas.deadletter import DeadLetter
@@ -88,7 +90,7 @@ class WebhookWriter:
                 await self._poison(raw, None, exc)
         if not decoded:
             return BatchStats()
-        store: Store | None = None
+        store: Store | BatchStore | None = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(initial=0.1, max=self.retry_max_s),
@@ -111,19 +113,21 @@ class WebhookWriter:
         error = outcome.exception() if outcome is not None else None
         log.warning("webhooks.db_retry", error=repr(error))
 
-    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> Store:
+    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> Store | BatchStore:
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    store = Store(conn, self.companies)
-                    for _, record in decoded:
-                        await store.apply(record)
+                    batch = BatchStore(conn, self.companies)
+                    await batch.write([record for _, record in decoded])
                 PROCESSED.labels("stored").inc(len(decoded))
-                return store
+                return batch
             except Exception as exc:
-                if not _is_poison(exc):
+                if is_transient(exc):
                     raise
-            # Some record is poison: redo with a savepoint each, to find and set it aside.
+                # Anything else (a poison record, or a shape the batch path did not expect) is
+                # settled by the per-record path below, which is the reference: it stores what
+                # can be stored and dead-letters only what it, too, refuses.
+                log.info("webhooks.batch_redone_per_record", records=len(decoded), error=repr(exc)[:300])
             poisoned: list[tuple[RawRecord, WebhookRecord, Exception]] = []
             async with conn.transaction():
                 store = Store(conn, self.companies)

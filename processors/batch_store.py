@@ -1,28 +1,31 @@
-"""A set-based writer for a batch of `meta.webhooks` records: the rewrite BENCHMARKS.md recommends
-for processors/store.py, prototyped here so that its gain is measured, not guessed.
+"""The worker's batch path: a batch of `meta.webhooks` records written with a fixed number of
+set-based statements, whatever its size.
 
-`processors.store.Store.apply` runs 4 to 6 statements per record, one round trip each
-(contact, conversation, message, conversation bump, notifications), so a batch of 500 records
-costs some 2,500 sequential round trips. This writer runs a fixed number of statements per
-batch, whatever its size, each over `unnest()` arrays:
+`Store.apply` runs 4 to 6 statements per record, one round trip each, so a 500-record batch cost
+some 2,500 sequential round trips and the worker made a fifth of what Faust can feed it
+(BENCHMARKS.md). Here each statement runs over `unnest()` arrays:
 
-1. contacts upsert (deduplicated in Python, sorted so that concurrent writers lock in one order);
+1. contacts upsert (deduplicated in Python, sorted so that concurrent workers lock in one order);
 2. conversations upsert (the same), returning which were created;
 3. messages insert, `ON CONFLICT DO NOTHING RETURNING`: the inserted ones are the new ones;
 4. one conversation bump per conversation (latest message, unread count), aggregated in Python;
 5. notifications for every new inbound message, joined to the company's active users;
-6. statuses upsert, one row per message (its highest-ranked status in the batch: the final state
+6. auto-replies due for the new inbound messages, `ON CONFLICT DO NOTHING RETURNING`, and their
+   pending outbound messages; pending ones of redelivered messages are looked up to send again;
+7. statuses upsert, one row per message (its highest-ranked status in the batch: the final state
    the per-record path reaches too, since a status never moves down);
-7. kept events (`webhook_events`).
+8. kept events (`webhook_events`).
 
 Records it does not model (Messenger delivery / read receipts, unranked statuses, errors-only
-changes) and companies with auto-replies go through `Store.apply`, in the same transaction.
-The rows are the same as the per-record path's: `bench.worker` compares them after each run.
+changes) go through `Store.apply` in the same transaction. It leaves the same rows as the
+per-record path (tests/test_batch_store.py compares them); when a batch holds a poison record,
+the caller redoes it record by record with `Store`, which finds the culprit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,8 +33,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from processors.autoreply import Company, CompanyCache
-from processors.store import STATUS_RANK, BatchStats, PoisonRecord, Store, _clip, _ts, whatsapp_body
+from processors.autoreply import Company, CompanyCache, auto_replies_due
+from processors.store import STATUS_RANK, PoisonRecord, Store, _clip, _ts, whatsapp_body
 from schemas.meta import WHATSAPP_OBJECT
 from schemas.records import WebhookRecord
 
@@ -51,7 +54,7 @@ INSERT INTO conversations (company_id, contact_id, channel)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])
 ON CONFLICT (company_id, contact_id) WHERE deleted_at IS NULL
 DO UPDATE SET channel = conversations.channel
-RETURNING id, contact_id
+RETURNING id, contact_id, (xmax = 0) AS created
 """
 
 INSERT_MESSAGES = """
@@ -92,9 +95,9 @@ ON CONFLICT (user_id, message_id) DO NOTHING
 UPSERT_STATUSES = """
 INSERT INTO messages (company_id, conversation_id, external_id, direction, type, content,
                       status, status_rank, status_at, error, sent_at)
-SELECT u.c, u.conv, u.ext, 'outbound', 'unknown', '{}'::jsonb, u.st, u.rank, u.at, u.err::jsonb, u.at
+SELECT u.c, u.conv, u.ext, 'outbound', 'unknown', '{}'::jsonb, u.st, u.rank, u.at, u.err::jsonb, u.sent
   FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int2[], $6::timestamptz[],
-              $7::text[]) AS u(c, conv, ext, st, rank, at, err)
+              $7::text[], $8::timestamptz[]) AS u(c, conv, ext, st, rank, at, err, sent)
 ON CONFLICT (company_id, external_id) DO UPDATE
    SET status = EXCLUDED.status,
        status_rank = EXCLUDED.status_rank,
@@ -111,12 +114,39 @@ SELECT u.c, u.obj, u.field, u.key, u.payload::jsonb
 ON CONFLICT (company_id, event_key) DO NOTHING
 """
 
+INSERT_AUTO_REPLIES = """
+INSERT INTO auto_replies (company_id, conversation_id, kind, window_key, outbound_id)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+ON CONFLICT DO NOTHING
+RETURNING outbound_id
+"""
+
+INSERT_PENDING_REPLIES = """
+INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body, content,
+                      status, status_rank, sent_at)
+SELECT u.c, u.conv, u.ext, 'outbound', 'text', u.body, u.content::jsonb, 'pending', 0, now()
+  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+       AS u(c, conv, ext, body, content)
+ON CONFLICT (company_id, external_id) DO NOTHING
+"""
+
+# Auto-replies committed earlier but never sent (a crash between commit and produce): sent again,
+# under the same id, when the webhook that caused them is redelivered.
+PENDING_AUTO_REPLIES = """
+SELECT ar.conversation_id, ar.outbound_id, m.body
+  FROM unnest($1::bigint[], $2::bigint[]) AS u(c, conv)
+  JOIN auto_replies ar ON ar.company_id = u.c AND ar.conversation_id = u.conv
+  JOIN messages m ON m.company_id = ar.company_id AND m.external_id = ar.outbound_id
+ WHERE m.status = 'pending'
+ ORDER BY ar.created_at, ar.outbound_id
+"""
+
 ContactKey = tuple[int, str, str]  # company_id, phone_number / scoped id, channel
 
 
 @dataclass(slots=True)
 class _Message:
-    company_id: int
+    company: Company
     contact: ContactKey
     external_id: str
     direction: str
@@ -138,41 +168,52 @@ class _Status:
     error: Any
 
 
-class SetWriter:
-    """Writes one batch with a fixed number of statements; call `write` inside a transaction."""
+@dataclass(slots=True)
+class _Conversations:
+    ids: dict[ContactKey, int]
+    created: set[int]
 
-    def __init__(self, companies: CompanyCache) -> None:
-        self.companies = companies
 
-    async def write(self, conn: asyncpg.Connection, records: list[WebhookRecord]) -> BatchStats:
-        store = Store(conn, self.companies)
+class BatchStore:
+    """Writes for one transaction, like `Store`, but a batch at a time: `write` once, then read
+    `stats`, and `outbound` (the auto-replies to produce once the transaction has committed)."""
+
+    def __init__(self, conn: asyncpg.Connection, companies: CompanyCache) -> None:
+        self.conn = conn
+        # The per-record path: company lookups, and the records this one does not model.
+        self.store = Store(conn, companies)
+        self.stats = self.store.stats
+        self.outbound = self.store.outbound
+
+    async def write(self, records: list[WebhookRecord]) -> None:
         names: dict[ContactKey, str | None] = {}
         messages: list[_Message] = []
         statuses: list[_Status] = []
         events: dict[tuple[int, str], tuple[str, str, str]] = {}
         fallback: list[WebhookRecord] = []
-        for record in records:
-            company = await store.company(record.tenant)
-            if company.welcome_message or company.away_message:
-                fallback.append(record)  # auto-replies: the per-record path
-            elif record.kind == "change" and record.object == WHATSAPP_OBJECT and record.field == "messages":
-                if not self._whatsapp(company, record.payload, names, messages, statuses):
-                    fallback.append(record)
-            elif record.kind == "messaging":
-                if not self._messaging(company, record, names, messages):
-                    fallback.append(record)
-            else:
-                digest, payload = _event_key(record.object, record.entry_id, record.field, record.payload)
-                events.setdefault((company.id, digest), (record.object, record.field, payload))
+        try:
+            for record in records:
+                company = await self.store.company(record.tenant)
+                whatsapp = record.object == WHATSAPP_OBJECT and record.field == "messages"
+                if record.kind == "change" and whatsapp:
+                    if not self._whatsapp(company, record.payload, names, messages, statuses):
+                        fallback.append(record)
+                elif record.kind == "messaging":
+                    if not self._messaging(company, record, names, messages):
+                        fallback.append(record)
+                else:
+                    digest, payload = _event_key(record.object, record.entry_id, record.field, record.payload)
+                    events.setdefault((company.id, digest), (record.object, record.field, payload))
+        except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            # The per-record path's rule: a payload of an unexpected shape is poison.
+            raise PoisonRecord(f"unexpected payload shape: {exc!r}") from exc
 
-        stats = BatchStats()
-        contact_ids = await self._contacts(conn, names)
-        conversations = await self._conversations(conn, names, contact_ids)
-        await self._messages(conn, messages, conversations, stats)
-        await self._statuses(conn, statuses, conversations, stats)
+        conversations = await self._conversations(names)
+        await self._messages(messages, conversations)
+        await self._statuses(statuses, conversations.ids)
         if events:
             keys = sorted(events)
-            await conn.execute(
+            await self.conn.execute(
                 INSERT_EVENTS,
                 [k[0] for k in keys],
                 [events[k][0] for k in keys],
@@ -180,12 +221,9 @@ class SetWriter:
                 [k[1] for k in keys],
                 [events[k][2] for k in keys],
             )
-            stats.events += len(keys)
+            self.stats.events += len(keys)
         for record in fallback:
-            await store.apply(record)
-        for name in ("messages", "duplicates", "statuses", "notifications", "events"):
-            setattr(stats, name, getattr(stats, name) + getattr(store.stats, name))
-        return stats
+            await self.store.apply(record)
 
     # ------------------------------------------------------------------ decoding
 
@@ -216,11 +254,12 @@ class SetWriter:
                 raise PoisonRecord("update names no contact")
             key = (company.id, sender, "whatsapp")
             name = profile.get(sender)
+            # The last name given wins, as the per-record upserts leave it.
             if name is not None or key not in names:
                 names[key] = name if name is not None else names.get(key)
             messages.append(
                 _Message(
-                    company.id,
+                    company,
                     key,
                     str(message["id"]),
                     "inbound",
@@ -281,7 +320,7 @@ class SetWriter:
             body = f"[{kind}]"
         messages.append(
             _Message(
-                company.id,
+                company,
                 key,
                 str(message["mid"]),
                 "outbound" if echo else "inbound",
@@ -296,57 +335,42 @@ class SetWriter:
 
     # ------------------------------------------------------------------ statements
 
-    async def _contacts(
-        self, conn: asyncpg.Connection, names: dict[ContactKey, str | None]
-    ) -> dict[ContactKey, int]:
+    async def _conversations(self, names: dict[ContactKey, str | None]) -> _Conversations:
         if not names:
-            return {}
+            return _Conversations({}, set())
         keys = sorted(names)
-        rows = await conn.fetch(
+        rows = await self.conn.fetch(
             UPSERT_CONTACTS,
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
             [names[k] for k in keys],
         )
-        return {(int(r["company_id"]), r["phone_number"], r["channel"]): int(r["id"]) for r in rows}
-
-    async def _conversations(
-        self,
-        conn: asyncpg.Connection,
-        names: dict[ContactKey, str | None],
-        contact_ids: dict[ContactKey, int],
-    ) -> dict[ContactKey, int]:
-        # Which conversations were created matters only to auto-replies (the per-record path).
-        if not names:
-            return {}
-        keys = sorted(names, key=lambda k: (k[0], contact_ids[k]))
-        rows = await conn.fetch(
+        contact_ids = {(int(r["company_id"]), r["phone_number"], r["channel"]): int(r["id"]) for r in rows}
+        keys.sort(key=lambda k: (k[0], contact_ids[k]))
+        rows = await self.conn.fetch(
             UPSERT_CONVERSATIONS,
             [k[0] for k in keys],
             [contact_ids[k] for k in keys],
             [k[2] for k in keys],
         )
         by_contact = {int(r["contact_id"]): int(r["id"]) for r in rows}
-        return {k: by_contact[contact_ids[k]] for k in keys}
+        created = {int(r["id"]) for r in rows if r["created"]}
+        return _Conversations({k: by_contact[contact_ids[k]] for k in keys}, created)
 
-    async def _messages(
-        self,
-        conn: asyncpg.Connection,
-        messages: list[_Message],
-        conversations: dict[ContactKey, int],
-        stats: BatchStats,
-    ) -> None:
+    async def _messages(self, messages: list[_Message], conversations: _Conversations) -> None:
         if not messages:
             return
+        stats = self.stats
+        ids = conversations.ids
         unique: dict[tuple[int, str], _Message] = {}
         for m in messages:
-            unique.setdefault((m.company_id, m.external_id), m)
+            unique.setdefault((m.company.id, m.external_id), m)
         batch = list(unique.values())
-        rows = await conn.fetch(
+        rows = await self.conn.fetch(
             INSERT_MESSAGES,
-            [m.company_id for m in batch],
-            [conversations[m.contact] for m in batch],
+            [m.company.id for m in batch],
+            [ids[m.contact] for m in batch],
             [m.external_id for m in batch],
             [m.direction for m in batch],
             [m.kind for m in batch],
@@ -359,17 +383,15 @@ class SetWriter:
         inserted = {(int(r["company_id"]), r["external_id"]): int(r["id"]) for r in rows}
         stats.messages += len(inserted)
         stats.duplicates += len(messages) - len(inserted)
-        if not inserted:
-            return
         # One bump per conversation: its latest new message (the later one among equal times,
         # as the per-record path leaves it), and how many new messages are inbound.
         bumps: dict[int, tuple[datetime, int, str | None, int]] = {}
         notify: list[tuple[int, int, int, str, str]] = []
         for m in batch:
-            message_id = inserted.get((m.company_id, m.external_id))
+            message_id = inserted.get((m.company.id, m.external_id))
             if message_id is None:
                 continue
-            conversation_id = conversations[m.contact]
+            conversation_id = ids[m.contact]
             inbound = 1 if m.direction == "inbound" else 0
             preview = _clip(m.body)
             previous = bumps.get(conversation_id)
@@ -384,18 +406,19 @@ class SetWriter:
                     previous[3] + inbound,
                 )
             if inbound:
-                notify.append((m.company_id, conversation_id, message_id, m.title, preview or ""))
-        ids = sorted(bumps)
-        await conn.execute(
-            BUMP_CONVERSATIONS,
-            ids,
-            [bumps[i][1] for i in ids],
-            [bumps[i][0] for i in ids],
-            [bumps[i][2] for i in ids],
-            [bumps[i][3] for i in ids],
-        )
+                notify.append((m.company.id, conversation_id, message_id, m.title, preview or ""))
+        if bumps:
+            order = sorted(bumps)
+            await self.conn.execute(
+                BUMP_CONVERSATIONS,
+                order,
+                [bumps[i][1] for i in order],
+                [bumps[i][0] for i in order],
+                [bumps[i][2] for i in order],
+                [bumps[i][3] for i in order],
+            )
         if notify:
-            result = await conn.execute(
+            result = await self.conn.execute(
                 NOTIFY,
                 [n[0] for n in notify],
                 [n[1] for n in notify],
@@ -404,25 +427,86 @@ class SetWriter:
                 [n[4] for n in notify],
             )
             stats.notifications += int(result.rsplit(" ", 1)[-1])
+        await self._auto_replies(messages, unique, inserted, conversations)
 
-    async def _statuses(
+    async def _auto_replies(
         self,
-        conn: asyncpg.Connection,
-        statuses: list[_Status],
-        conversations: dict[ContactKey, int],
-        stats: BatchStats,
+        messages: list[_Message],
+        unique: dict[tuple[int, str], _Message],
+        inserted: dict[tuple[int, str], int],
+        conversations: _Conversations,
     ) -> None:
+        """Welcome a new conversation; answer outside business hours; each once per window.
+        A redelivered message sends again the replies still pending in its conversation."""
+        due: dict[tuple[int, str, str], tuple[_Message, str]] = {}  # (conversation, kind, window)
+        redelivered: dict[int, _Message] = {}
+        for m in messages:
+            company = m.company
+            if m.direction != "inbound" or m.contact[2] != "whatsapp":
+                continue
+            if not (company.welcome_message or company.away_message):
+                continue
+            conversation_id = conversations.ids[m.contact]
+            key = (company.id, m.external_id)
+            if key in inserted and unique[key] is m:
+                new = conversation_id in conversations.created
+                for kind, window, text in auto_replies_due(company, m.at, new_conversation=new):
+                    due.setdefault((conversation_id, kind, window), (m, text))
+            else:
+                redelivered.setdefault(conversation_id, m)
+        if due:
+            # Ids are made here and kept only if their row is new (first in its window).
+            proposed = {uuid.uuid4().hex: (k, m, text) for k, (m, text) in due.items()}
+            rows = await self.conn.fetch(
+                INSERT_AUTO_REPLIES,
+                [m.company.id for _, m, _ in proposed.values()],
+                [k[0] for k, _, _ in proposed.values()],
+                [k[1] for k, _, _ in proposed.values()],
+                [k[2] for k, _, _ in proposed.values()],
+                list(proposed),
+            )
+            kept = [(r["outbound_id"], *proposed[r["outbound_id"]]) for r in rows]
+            if kept:
+                await self.conn.execute(
+                    INSERT_PENDING_REPLIES,
+                    [m.company.id for _, _, m, _ in kept],
+                    [k[0] for _, k, _, _ in kept],
+                    [outbound_id for outbound_id, _, _, _ in kept],
+                    [text for _, _, _, text in kept],
+                    [orjson.dumps({"auto_reply": k[1]}).decode() for _, k, _, _ in kept],
+                )
+            for outbound_id, k, m, text in kept:
+                self.store.queue_reply(m.company, k[0], m.contact[1], outbound_id, text)
+        if redelivered:
+            queued = {reply.id for reply in self.outbound}
+            order = sorted(redelivered)
+            for row in await self.conn.fetch(
+                PENDING_AUTO_REPLIES, [redelivered[c].company.id for c in order], order
+            ):
+                if row["outbound_id"] in queued:
+                    continue
+                conversation_id = int(row["conversation_id"])
+                m = redelivered[conversation_id]
+                reply_id, text = row["outbound_id"], row["body"]
+                self.store.queue_reply(m.company, conversation_id, m.contact[1], reply_id, text)
+
+    async def _statuses(self, statuses: list[_Status], conversations: dict[ContactKey, int]) -> None:
         if not statuses:
             return
         best: dict[tuple[int, str], _Status] = {}
+        # A message first known by its status is "sent" at the time of the first status to
+        # arrive (the per-record path inserts it then, and later ones only raise its status).
+        first_at: dict[tuple[int, str], datetime] = {}
         for s in statuses:
             key = (s.company_id, s.external_id)
             held = best.get(key)
+            if held is None:
+                first_at[key] = s.at
             if held is None or s.rank > held.rank:
                 best[key] = s
         keys = sorted(best)
         rows = [best[k] for k in keys]
-        await conn.execute(
+        await self.conn.execute(
             UPSERT_STATUSES,
             [s.company_id for s in rows],
             [conversations[s.contact] for s in rows],
@@ -431,8 +515,9 @@ class SetWriter:
             [s.rank for s in rows],
             [s.at for s in rows],
             [orjson.dumps(s.error).decode() if s.error else None for s in rows],
+            [first_at[k] for k in keys],
         )
-        stats.statuses += len(statuses)
+        self.stats.statuses += len(statuses)
 
 
 def _event_key(obj: str, entry_id: str, field: str, payload: Any) -> tuple[str, str]:
