@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
             port=settings.api_port,
             process="api",
             grace_s=settings.shutdown_grace_s,
+            stop_deadline_s=settings.stop_deadline_s,
         )
         raise typer.Exit(code)
 

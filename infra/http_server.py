@@ -78,9 +78,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def serve_http(app: Any, *, host: str, port: int, process: str, grace_s: float) -> int:
+def serve_http(
+    app: Any, *, host: str, port: int, process: str, grace_s: float, stop_deadline_s: float | None = None
+) -> int:
     """Serve `app` until a stop is requested and drained; return the exit code."""
-    lifecycle.install(process)
+    lifecycle.install(process, stop_deadline_s=stop_deadline_s or 3 * grace_s)
     draining = DrainingMiddleware(app)
     config = uvicorn.Config(
         draining,

@@ -7,7 +7,10 @@ where they are started, and their stop is driven from here). An uncaught error i
 structured, with its context.
 
 A stop is requested by the first SIGTERM or SIGINT, or by the log stream dying (EPIPE); each
-process registers what a graceful stop means for it (`on_stop`). A second signal forces the exit.
+process registers what a graceful stop means for it (`on_stop`). A second signal forces the exit,
+and so does the stop deadline (`install(stop_deadline_s=...)`): a graceful stop can wait forever on
+a service that is gone (Faust's shutdown waits on the broker and Postgres), and a supervisor or an
+operator must not need kill -9. Nothing is lost by it: offsets are committed only after writes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from infra.logging import get_logger
 log = get_logger("lifecycle")
 
 FORCED_EXIT_CODE = 130
+STOP_DEADLINE_EXIT_CODE = 124  # as timeout(1) reports a command it had to kill
 
 
 class Lifecycle:
@@ -39,11 +43,13 @@ class Lifecycle:
         self._callbacks: list[Callable[[str], None]] = []
         self._on_force: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.stop_deadline_s: float | None = None
 
-    def install(self, process: str) -> None:
+    def install(self, process: str, *, stop_deadline_s: float | None = None) -> None:
         if self.installed:
             return
         self.process = process
+        self.stop_deadline_s = stop_deadline_s
         sys.excepthook = self._excepthook
         threading.excepthook = self._thread_excepthook
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -95,8 +101,18 @@ class Lifecycle:
         self.stop_reason = reason
         self.stop_requested.set()
         log.info("process.stopping", reason=reason)
+        if self.stop_deadline_s is not None:
+            deadline = threading.Timer(self.stop_deadline_s, self._deadline_passed)
+            deadline.daemon = True
+            deadline.start()
         for callback in list(self._callbacks):
             self._dispatch(callback)
+
+    def _deadline_passed(self) -> None:
+        log.error("process.stop_deadline_passed", deadline_s=self.stop_deadline_s, reason=self.stop_reason)
+        for callback in self._on_force:
+            callback()
+        os._exit(STOP_DEADLINE_EXIT_CODE)
 
     def _dispatch(self, callback: Callable[[str], None]) -> None:
         reason = self.stop_reason or "stop"

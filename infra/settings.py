@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None  # where logs go if stdout is closed (else stderr)
     shutdown_grace_s: float = Field(default=15.0, gt=0)  # drain time after SIGTERM / SIGINT
+    # A process still running this long after a stop was requested exits anyway (code 124).
+    stop_deadline_s: float = Field(default=45.0, gt=0)
 
     # Services. None means: use the embedded one (development and tests only).
     database_url: str | None = None

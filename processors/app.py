@@ -233,7 +233,7 @@ def run_worker(settings: Settings) -> int:
     # uvloop raises Faust's own per-event ceiling by 15-29% here (BENCHMARKS.md); it must be the
     # policy before the app and its loop exist.
     mode.loop.use("uvloop")
-    lifecycle.install("worker")
+    lifecycle.install("worker", stop_deadline_s=settings.stop_deadline_s)
     app = create_app(settings)
     worker = _Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
     worker.spinner = None  # no terminal escapes in a JSON log

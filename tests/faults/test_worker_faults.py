@@ -4,13 +4,17 @@ Afterwards every message is in Postgres exactly once and no auto-reply was sent 
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres
 from infra.tenants import Tenant
 from tests.api.world import auth, login, new_company
 from tests.faults.load import run_load
@@ -210,3 +214,47 @@ async def test_worker_stdout_closed_exits_0_and_loses_nothing(
         exit_code=code,
         **figures,
     )
+
+
+def test_worker_stops_by_its_deadline_when_postgres_and_the_broker_are_gone(
+    tmp_path: Path, services: ServiceUrls
+) -> None:
+    """A SIGTERM while both services are gone: Faust's graceful stop waits on them, forever if
+    let; the stop deadline ends the process anyway, so no operator needs kill -9."""
+    from infra.migrate import migrate
+    from infra.topics import declare_topics
+
+    postgres = EmbeddedPostgres(tmp_path / "postgres", fsync=False)
+    broker = EmbeddedBroker(tmp_path / "broker")
+    postgres.start()
+    broker.start()
+    try:
+        asyncio.run(migrate(postgres.url))
+        asyncio.run(declare_topics(broker.bootstrap, partitions=4, replication=1))
+        own = ServiceUrls(
+            database_url=postgres.url,
+            kafka_bootstrap=broker.bootstrap,
+            broker=broker,
+            data_dir=tmp_path,
+            wuzapi_url=services.wuzapi_url,
+        )
+        worker = CortexxProcess.worker(own, stop_deadline_s=5)
+        worker.start()
+        postgres.stop()
+        broker.stop()
+        time.sleep(1)
+        assert worker.proc is not None
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        try:
+            code = worker.proc.wait(30)
+        finally:
+            worker.stop()
+        took = time.monotonic() - started
+    finally:
+        broker.stop()
+        postgres.stop()
+    # Either its graceful stop managed (0) or the deadline ended it (124); never a hang.
+    assert code in (0, 124), worker.log_tail()
+    assert took < 5 + 10, took
+    record("worker SIGTERM with Postgres and the broker gone", exit_code=code, seconds_to_exit=round(took, 1))
