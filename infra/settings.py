@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     outbound_max_in_flight: int = Field(default=2000, ge=1)
     company_cache_ttl_s: float = Field(default=30.0, ge=0)  # how soon the worker sees changed settings
     worker_metrics_port: int = Field(default=9101, ge=0)  # 0: no metrics endpoint
+    # Loopback by default (metrics say much about tenants); 0.0.0.0 where a scraper runs elsewhere.
+    worker_metrics_host: str = "127.0.0.1"
     wuzapi_sim_port: int = 8090
 
     # Operators' console. None: the local process on its configured port.
@@ -132,7 +134,10 @@ class Settings(BaseSettings):
     def worker_metrics(self) -> str | None:
         if self.worker_metrics_url:
             return self.worker_metrics_url
-        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics" if self.worker_metrics_port else None
+        if not self.worker_metrics_port:
+            return None
+        host = "127.0.0.1" if self.worker_metrics_host in ("0.0.0.0", "::") else self.worker_metrics_host
+        return f"http://{host}:{self.worker_metrics_port}/metrics"
 
 
 @lru_cache(maxsize=1)

@@ -105,8 +105,8 @@ def create_app(settings: Settings) -> faust.App:
             replication=settings.topic_replication,
         )
         if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, addr="127.0.0.1")
-            log.info("worker.metrics", url=f"http://127.0.0.1:{settings.worker_metrics_port}/metrics")
+            start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+            log.info("worker.metrics", url=settings.worker_metrics)
 
     @app.agent(webhooks_topic, name="webhooks")
     async def webhooks(stream: faust.StreamT[Any]) -> None:
