@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.client import AIOKafkaClient
 
 from infra.logging import get_logger
@@ -142,3 +142,42 @@ class BrokerOffsets:
             self._groups[group_id] = consumer
         offsets = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
         return dict(zip(tps, offsets, strict=True))
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, *, timeout_s: float = 15.0, wait_for_topic: bool = False
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record on `topic` now, read from the start of each partition; [] if there is no
+    such topic (with `wait_for_topic`, one that appears within `timeout_s` is read).
+
+    The end of a partition is the high watermark its fetches return, not ListOffsets (above).
+    Raises OffsetsUnavailable when the end is not reached in time; KafkaError is the broker's.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        await consumer.start()
+        partitions: set[int] = set()
+        while True:
+            await consumer.topics()  # a metadata request, so the topic's partitions are known
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if partitions or not wait_for_topic or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        if not partitions:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                out.extend(records)
+            marks = [consumer.highwater(tp) for tp in tps]
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(m is not None and p >= m for p, m in zip(positions, marks, strict=True)):
+                return out
+        raise OffsetsUnavailable(f"could not read {topic} to its end within {timeout_s}s")
+    finally:
+        await consumer.stop()

@@ -8,15 +8,15 @@ own idempotency (a message already sent is not sent again) covers a forced one.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from infra import broker_compat
+from infra.broker_compat import BrokerOffsetsError
 from infra.kafka import DurableProducer
 from infra.logging import get_logger
 from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
@@ -75,37 +75,14 @@ class LetterFilter:
 
 
 async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 15.0) -> list[tuple[int, int, bytes]]:
-    """(partition, offset, value) of every record on `topic` now.
-
-    The end of each partition is the high watermark a fetch returns: the embedded broker answers
-    ListOffsets wrongly for batches of several records, so `end_offsets` is not used.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    """(partition, offset, value) of every record on `topic` now."""
     try:
-        await consumer.start()
-        if topic not in await consumer.topics():  # also loads the partitions' metadata
-            return []
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[tuple[int, int, bytes]] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for tp, records in batch.items():
-                out.extend((tp.partition, r.offset, r.value or b"") for r in records)
-            marks = [consumer.highwater(tp) for tp in tps]
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(m is not None and p >= m for p, m in zip(positions, marks, strict=True)):
-                return out
-        raise ReplayError(f"could not read {topic} to its end within {timeout_s}s")
+        records = await broker_compat.read_to_end(bootstrap, topic, timeout_s=timeout_s)
+    except BrokerOffsetsError as exc:
+        raise ReplayError(str(exc)) from exc
     except KafkaError as exc:
         raise ReplayError(f"broker unavailable: {exc}") from exc
-    finally:
-        await consumer.stop()
+    return [(r.partition, r.offset, r.value or b"") for r in records]
 
 
 async def load_letters(

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from infra import broker_compat
 from infra.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from infra.meta_samples import sign
 from infra.tenants import Tenant
@@ -208,38 +208,8 @@ async def post_signed(
 
 
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:
-    """Every record now on `topic`, read from the start of each partition.
-
-    The end of a partition is judged by the high watermark the fetches return, not by
-    ListOffsets, which the embedded broker answers wrongly for multi-record batches.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while not partitions and time.monotonic() < deadline:
-            await consumer.topics()  # a metadata request, so the topic's partitions are known
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await asyncio.sleep(0.2)
-        if not partitions:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for items in batch.values():
-                records.extend(items)
-            marks = [consumer.highwater(tp) for tp in tps]
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(m is not None and pos >= m for pos, m in zip(positions, marks, strict=True)):
-                return records
-        raise AssertionError(f"could not read {topic} to its end within {timeout_s}s")
-    finally:
-        await consumer.stop()
+    """Every record now on `topic` (waiting for the topic to appear), read to its end."""
+    return await broker_compat.read_to_end(bootstrap, topic, timeout_s=timeout_s, wait_for_topic=True)
 
 
 class Simulator:
