@@ -5,6 +5,8 @@ forged or altered cookie is refused before any query. The row holds who the user
 judged expired by the database clock, renewed on use (rolling), and deleted at logout. A new
 sid is issued at every login (no fixation), and one pruning job per process deletes expired
 rows at a jittered interval. Nothing lives in process memory, so sessions survive restarts.
+The row is keyed by the sid's SHA-256, not the sid: a leaked table (a backup, a replica, a
+read-only SQL hole) names no live session. (A fast hash is enough: the sid is 256 random bits.)
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class SessionUser:
     touched: bool
 
 
+def stored_sid(sid: str) -> str:
+    """What `user_sessions.sid` holds for a session: the hex SHA-256 of its sid."""
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
 class Sessions:
     def __init__(self, settings: Settings, secret: bytes) -> None:
         self.cookie_name = settings.session_cookie_name
@@ -139,12 +146,12 @@ class Sessions:
     async def create(self, db: Db, *, user_id: int, company_id: int, meta: dict[str, Any]) -> str:
         sid = secrets.token_urlsafe(32)
         sess = {"user_id": user_id, "company_id": company_id, **meta}
-        await db.fetchval(SESSION_CREATE, sid, sess, self.ttl_s)
+        await db.fetchval(SESSION_CREATE, stored_sid(sid), sess, self.ttl_s)
         return sid
 
     async def load(self, db: Db, sid: str) -> SessionUser | None:
         """The session's user if the session exists and has not expired; renews it when due."""
-        row = await db.fetchrow(SESSION_LOAD, sid, self.ttl_s, self.touch_s)
+        row = await db.fetchrow(SESSION_LOAD, stored_sid(sid), self.ttl_s, self.touch_s)
         if row is None:
             return None
         return SessionUser(
@@ -161,7 +168,7 @@ class Sessions:
         )
 
     async def delete(self, db: Db, sid: str) -> None:
-        await db.execute(SESSION_DELETE, sid)
+        await db.execute(SESSION_DELETE, stored_sid(sid))
 
     # Pruning.
 

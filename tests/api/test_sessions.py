@@ -12,6 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
+from api.sessions import stored_sid
 from tests.api.world import COOKIE, PASSWORD, World, auth, login, session_cookie
 from tests.support import CortexxProcess, ServiceUrls, wait_until
 
@@ -103,7 +104,8 @@ async def test_expired_session_is_401(
     cookie = await login(client, api, world.x.agent)
     # The database clock decides: a row whose expire has passed is dead, whatever the cookie says.
     await db.execute(
-        "UPDATE user_sessions SET expire = now() - interval '1 second' WHERE sid = $1", cookie.split(".")[0]
+        "UPDATE user_sessions SET expire = now() - interval '1 second' WHERE sid = $1",
+        stored_sid(cookie.split(".")[0]),
     )
     response = await client.get(f"{api.url}/api/v1/sessions/me", headers=auth(cookie))
     assert response.status_code == 401
@@ -143,14 +145,15 @@ async def test_login_issues_a_new_sid_and_closes_the_one_presented(
     assert (await client.get(f"{api.url}/api/v1/sessions/me", headers=auth(first))).status_code == 401
     assert (await client.get(f"{api.url}/api/v1/sessions/me", headers=auth(second))).status_code == 200
     # A sid the attacker planted never becomes a session: only sids we create exist.
-    assert [r["sid"] for r in await _sid_rows(db, agent.id)] == [second.split(".")[0]]
+    # The table holds the sid's hash, never the sid a cookie carries.
+    assert [r["sid"] for r in await _sid_rows(db, agent.id)] == [stored_sid(second.split(".")[0])]
 
 
 async def test_sessions_roll_on_use(
     client: httpx.AsyncClient, api: CortexxProcess, world: World, db: asyncpg.Connection
 ):
     cookie = await login(client, api, world.x.agent)
-    sid = cookie.split(".")[0]
+    sid = stored_sid(cookie.split(".")[0])
     # As if the session were last renewed long ago: still valid, due for renewal.
     await db.execute("UPDATE user_sessions SET expire = now() + interval '10 minutes' WHERE sid = $1", sid)
     response = await client.get(f"{api.url}/api/v1/sessions/me", headers=auth(cookie))
@@ -167,14 +170,18 @@ async def test_expired_sessions_are_pruned(
     live = await login(client, api, world.x.agent)
     dead = await login(client, api, world.x.colleague)
     await db.execute(
-        "UPDATE user_sessions SET expire = now() - interval '1 minute' WHERE sid = $1", dead.split(".")[0]
+        "UPDATE user_sessions SET expire = now() - interval '1 minute' WHERE sid = $1",
+        stored_sid(dead.split(".")[0]),
     )
 
     async def pruned() -> bool:
         return not await db.fetchval("SELECT count(*) FROM user_sessions WHERE expire <= now()")
 
     await wait_until(pruned, timeout_s=10, what="expired sessions pruned")
-    assert await db.fetchval("SELECT count(*) FROM user_sessions WHERE sid = $1", live.split(".")[0]) == 1
+    assert (
+        await db.fetchval("SELECT count(*) FROM user_sessions WHERE sid = $1", stored_sid(live.split(".")[0]))
+        == 1
+    )
     assert "session.pruned" in api.log_path.read_text()
 
 
