@@ -17,8 +17,10 @@ import asyncpg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-Role = Literal["agent", "admin"]
-ROLES: tuple[Role, ...] = ("agent", "admin")
+# agent: a company's inbox; admin: a company's administrator; operator: runs the deployment
+# (the console at /ops, which spans every company).
+Role = Literal["agent", "admin", "operator"]
+ROLES: tuple[Role, ...] = ("agent", "admin", "operator")
 PASSWORD_MIN = 8
 PASSWORD_MAX = 1024
 

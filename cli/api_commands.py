@@ -61,7 +61,10 @@ def register(app: typer.Typer) -> None:
         password: str = typer.Option(None, help="The password (prefer --password-stdin: argv is visible)."),
         password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
         name: str = typer.Option("", help="Display name."),
-        role: str = typer.Option("agent", help="agent, or admin (may use the console at /ops)."),
+        role: str = typer.Option(
+            "agent",
+            help="agent, admin (of the company), or operator (runs the deployment: the console at /ops).",
+        ),
     ) -> None:
         """Create a user of a company, or update their password, name and role."""
         from api.users import ROLES, UserError, add_user
@@ -90,7 +93,7 @@ def register(app: typer.Typer) -> None:
                     email=email,
                     password=secret,
                     name=name,
-                    role="admin" if role == "admin" else "agent",
+                    role=next(r for r in ROLES if r == role),
                 )
             finally:
                 await conn.close()

@@ -40,13 +40,18 @@ _templates = Environment(
 )
 
 
-async def require_admin(user: CurrentUser) -> SessionUser:
-    if user.role != "admin":
-        raise ApiError(403, "forbidden", "the operators' console is for admins")
+# The console shows every company's dead letters and tenants: it is for the deployment's
+# operators, not for a company's own admins (who must never see another company's data).
+OPERATOR = "operator"
+
+
+async def require_operator(user: CurrentUser) -> SessionUser:
+    if user.role != OPERATOR:
+        raise ApiError(403, "forbidden", "the operators' console is for operators")
     return user
 
 
-Admin = Annotated[SessionUser, Depends(require_admin)]
+Admin = Annotated[SessionUser, Depends(require_operator)]
 
 
 def check_csrf(request: Request, user: SessionUser, service: Any) -> None:
@@ -160,7 +165,7 @@ def _gate(request: Request, user: SessionUser | None) -> Response | None:
     if user is None:
         target = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
         return RedirectResponse(f"/ops/login?next={target}", status_code=303)
-    if user.role != "admin":
+    if user.role != OPERATOR:
         return _page("forbidden.html", 403, user=user)
     return None
 

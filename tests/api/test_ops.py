@@ -1,4 +1,4 @@
-"""The operators' console over HTTP: admins only, CSRF on replays, every view also JSON."""
+"""The operators' console over HTTP: operators only, CSRF on replays, every view also JSON."""
 
 from __future__ import annotations
 
@@ -10,22 +10,27 @@ from tests.support import CortexxProcess, wait_until
 
 
 async def _admin(db: asyncpg.Connection, world: World) -> None:
-    await db.execute("UPDATE users SET role = 'admin' WHERE id = $1", world.x.agent.id)
+    await db.execute("UPDATE users SET role = 'operator' WHERE id = $1", world.x.agent.id)
 
 
-async def test_agents_get_403_and_strangers_401(client: httpx.AsyncClient, ops_api: CortexxProcess, world):
+async def test_agents_and_company_admins_get_403_and_strangers_401(
+    client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
+):
     anonymous = await client.get(f"{ops_api.url}/api/v1/ops/overview")
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "not_authenticated"
     page = await client.get(f"{ops_api.url}/ops", follow_redirects=False)
     assert page.status_code == 303 and page.headers["location"].startswith("/ops/login")
 
-    cookie = await login(client, ops_api, world.x.agent)
-    for path in ("overview", "dead-letters", "tenants", "replays"):
-        response = await client.get(f"{ops_api.url}/api/v1/ops/{path}", headers=auth(cookie))
-        assert response.status_code == 403, path
-        assert response.json()["error"] == "forbidden"
-    html = await client.get(f"{ops_api.url}/ops", headers=auth(cookie))
-    assert html.status_code == 403 and "admins only" in html.text
+    # A company's admin runs that company, not the deployment: the console shows every company.
+    await db.execute("UPDATE users SET role = 'admin' WHERE id = $1", world.x.colleague.id)
+    for user in (world.x.agent, world.x.colleague):
+        cookie = await login(client, ops_api, user)
+        for path in ("overview", "dead-letters", "tenants", "replays"):
+            response = await client.get(f"{ops_api.url}/api/v1/ops/{path}", headers=auth(cookie))
+            assert response.status_code == 403, path
+            assert response.json()["error"] == "forbidden"
+        html = await client.get(f"{ops_api.url}/ops", headers=auth(cookie))
+        assert html.status_code == 403 and "operators only" in html.text
     replay = await client.post(
         f"{ops_api.url}/api/v1/ops/dead-letters/replay",
         json={"ids": [], "dry_run": False},

@@ -70,7 +70,7 @@ async def test_operator_finds_and_replays_a_failed_webhook(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await wuzapi.reset()
     admin = await add_member(db, tenant, "admin")
-    await db.execute("UPDATE users SET role = 'admin' WHERE id = $1", admin.id)
+    await db.execute("UPDATE users SET role = 'operator' WHERE id = $1", admin.id)
     agent = await add_member(db, tenant, "agent")
     phone = f"49157{secrets.randbelow(10**8):08d}"
     contact = await db.fetchval(
