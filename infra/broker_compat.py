@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.client import AIOKafkaClient
@@ -33,6 +33,10 @@ class BrokerOffsetsError(RuntimeError):
 
 class OffsetsUnavailable(BrokerOffsetsError):
     """The broker did not report every partition's watermark in time."""
+
+
+class PartitionReset(BrokerOffsetsError):
+    """A partition ends before an offset already read from it: it was deleted and recreated."""
 
 
 class BrokerOffsets:
@@ -153,6 +157,21 @@ async def read_to_end(
     The end of a partition is the high watermark its fetches return, not ListOffsets (above).
     Raises OffsetsUnavailable when the end is not reached in time; KafkaError is the broker's.
     """
+    records, _ = await read_from(bootstrap, topic, timeout_s=timeout_s, wait_for_topic=wait_for_topic)
+    return records
+
+
+async def read_from(
+    bootstrap: str,
+    topic: str,
+    start: Mapping[int, int] | None = None,
+    *,
+    timeout_s: float = 15.0,
+    wait_for_topic: bool = False,
+) -> tuple[list[ConsumerRecord[bytes, bytes]], dict[int, int]]:
+    """The records of `topic` from `start` (partition: offset; the beginning where not given) to
+    the end now, and each partition's end (its high watermark). Raises PartitionReset when a
+    partition ends before its start (the topic was recreated: read it again from the start)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     deadline = time.monotonic() + timeout_s
     try:
@@ -165,19 +184,25 @@ async def read_to_end(
                 break
             await asyncio.sleep(0.2)
         if not partitions:
-            return []
+            return [], {}
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            if start and start.get(tp.partition):
+                consumer.seek(tp, start[tp.partition])
         out: list[ConsumerRecord[bytes, bytes]] = []
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 out.extend(records)
             marks = [consumer.highwater(tp) for tp in tps]
+            for tp, mark in zip(tps, marks, strict=True):
+                if mark is not None and start and start.get(tp.partition, 0) > mark:
+                    raise PartitionReset(f"{tp} ends at {mark}, before {start[tp.partition]}")
             positions = [await consumer.position(tp) for tp in tps]
             if all(m is not None and p >= m for p, m in zip(positions, marks, strict=True)):
-                return out
+                return out, {tp.partition: int(m) for tp, m in zip(tps, marks, strict=True) if m is not None}
         raise OffsetsUnavailable(f"could not read {topic} to its end within {timeout_s}s")
     finally:
         await consumer.stop()

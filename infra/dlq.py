@@ -8,6 +8,7 @@ own idempotency (a message already sent is not sent again) covers a forced one.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from infra import broker_compat
-from infra.broker_compat import BrokerOffsetsError
+from infra.broker_compat import BrokerOffsetsError, PartitionReset
 from infra.kafka import DurableProducer
 from infra.logging import get_logger
 from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
@@ -74,33 +75,61 @@ class LetterFilter:
         return not (self.until and stored.failed_at > self.until)
 
 
-async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 15.0) -> list[tuple[int, int, bytes]]:
-    """(partition, offset, value) of every record on `topic` now."""
-    try:
-        records = await broker_compat.read_to_end(bootstrap, topic, timeout_s=timeout_s)
-    except BrokerOffsetsError as exc:
-        raise ReplayError(str(exc)) from exc
-    except KafkaError as exc:
-        raise ReplayError(f"broker unavailable: {exc}") from exc
-    return [(r.partition, r.offset, r.value or b"") for r in records]
+class DeadLetterReader:
+    """The dead letters of the DLQ topics, read incrementally: a call reads only the records added
+    since the previous one (the topics only grow), so a console asking every few seconds does not
+    re-read whole topics. Whether each was replayed is asked of Postgres on every call."""
+
+    def __init__(self, bootstrap: str, topics: Iterable[str] = DLQ_TOPICS) -> None:
+        self.bootstrap = bootstrap
+        self.topics = tuple(topics)
+        self._ends: dict[str, dict[int, int]] = {}
+        self._letters: dict[str, list[StoredLetter]] = {}
+        self._lock = asyncio.Lock()
+
+    async def letters(self, conn: asyncpg.Connection) -> list[StoredLetter]:
+        async with self._lock:
+            letters: list[StoredLetter] = []
+            for topic in self.topics:
+                letters.extend(await self._read(topic))
+        done = {r["dlq_id"] for r in await conn.fetch(REPLAYED, [s.id for s in letters])}
+        return [StoredLetter(s.id, s.letter, s.id in done) for s in letters]
+
+    async def _read(self, topic: str) -> list[StoredLetter]:
+        try:
+            try:
+                records, ends = await broker_compat.read_from(self.bootstrap, topic, self._ends.get(topic))
+            except PartitionReset:
+                self._ends.pop(topic, None)
+                self._letters.pop(topic, None)
+                records, ends = await broker_compat.read_from(self.bootstrap, topic)
+        except BrokerOffsetsError as exc:
+            raise ReplayError(str(exc)) from exc
+        except KafkaError as exc:
+            raise ReplayError(f"broker unavailable: {exc}") from exc
+        kept = self._letters.setdefault(topic, [])
+        for record in records:
+            try:
+                letter = DeadLetter.from_bytes(record.value or b"")
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning(
+                    "dlq.unreadable",
+                    topic=topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    error=repr(exc),
+                )
+                continue
+            kept.append(StoredLetter(f"{topic}:{record.partition}:{record.offset}", letter))
+        self._ends[topic] = ends
+        return kept
 
 
 async def load_letters(
     bootstrap: str, conn: asyncpg.Connection, *, topics: Iterable[str] = DLQ_TOPICS
 ) -> list[StoredLetter]:
-    letters: list[StoredLetter] = []
-    for topic in topics:
-        for partition, offset, value in await read_to_end(bootstrap, topic):
-            try:
-                letter = DeadLetter.from_bytes(value)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning(
-                    "dlq.unreadable", topic=topic, partition=partition, offset=offset, error=repr(exc)
-                )
-                continue
-            letters.append(StoredLetter(f"{topic}:{partition}:{offset}", letter))
-    done = {r["dlq_id"] for r in await conn.fetch(REPLAYED, [s.id for s in letters])}
-    return [StoredLetter(s.id, s.letter, s.id in done) for s in letters]
+    """Every dead letter now, read once (the CLI); a long-lived process keeps a DeadLetterReader."""
+    return await DeadLetterReader(bootstrap, topics).letters(conn)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from infra.broker_compat import BrokerOffsets
+from infra.broker_compat import BrokerOffsets, PartitionReset, read_from
 from infra.topics import declare_topics
 from tests.support import ServiceUrls, wait_until
 
@@ -105,3 +105,18 @@ async def test_committed_offsets_come_from_a_consumer_not_the_admin_client(
                     await admin.list_consumer_group_offsets(group)
         finally:
             await admin.close()
+
+
+async def test_read_from_reads_only_what_was_added_and_notices_a_reset(services: ServiceUrls, topic: str):
+    """What the console's dead-letter views rely on to read only new records each time."""
+    await _produce(services.kafka_bootstrap, topic, 100)
+    first, ends = await read_from(services.kafka_bootstrap, topic)
+    assert len(first) == 100 and ends == {0: 100, 1: 0}
+    await _produce(services.kafka_bootstrap, topic, 5)
+    added, ends = await read_from(services.kafka_bootstrap, topic, ends)
+    assert [r.offset for r in added] == [100, 101, 102, 103, 104] and ends == {0: 105, 1: 0}
+    nothing, _ = await read_from(services.kafka_bootstrap, topic, ends)
+    assert nothing == []
+    # Positions past the end: the topic was recreated since, so the caller must start over.
+    with pytest.raises(PartitionReset):
+        await read_from(services.kafka_bootstrap, topic, {0: 500})

@@ -1,4 +1,5 @@
-"""What the console keeps per API process: the metrics collector and the CSRF key."""
+"""What the console keeps per API process: the metrics collector, the dead letters read so far
+and the CSRF key."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from collections.abc import Callable
 from api.ops.collector import OpsCollector
 from api.readiness import BrokerSnapshot
 from api.sessions import derive_key
+from infra.dlq import DeadLetterReader
 from infra.settings import Settings
 
 
 class OpsConsole:
     def __init__(self, settings: Settings, secret: bytes, snapshot: Callable[[], BrokerSnapshot]) -> None:
         self.collector = OpsCollector(settings, snapshot)
+        self.dead_letters = DeadLetterReader(settings.kafka_bootstrap or "")
         self._csrf_key = derive_key(secret, "ops-csrf")
 
     def start(self) -> None:

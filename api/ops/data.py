@@ -41,7 +41,7 @@ from api.ops.models import (
 from api.ops.queries import MESSAGE_STATUS, REPLAY_EVENTS, REPLAY_EVENTS_OF, TENANTS
 from api.service import ApiService
 from api.sessions import SessionUser
-from infra.dlq import LetterFilter, ReplayError, StoredLetter, load_letters, replay
+from infra.dlq import LetterFilter, ReplayError, StoredLetter, replay
 from infra.logging import get_logger
 from infra.topics import WUZAPI_OUTBOUND
 from schemas.deadletter import FailureInfo
@@ -162,7 +162,7 @@ def to_filter(f: LetterFilterIn | None) -> LetterFilter:
 async def _load(service: ApiService, conn: asyncpg.Connection) -> list[StoredLetter]:
     assert service.settings.kafka_bootstrap
     try:
-        return await load_letters(service.settings.kafka_bootstrap, conn)
+        return await service.ops.dead_letters.letters(conn)
     except ReplayError as exc:
         raise ApiError(503, "broker_unavailable", str(exc)) from exc
 
