@@ -162,10 +162,20 @@ def _servers(svc: BenchServices, log_dir: Path) -> list[Child]:
 
 
 def run(
-    duration_s: float = 10.0, *, profile: bool = False, profile_only: bool = False, warmup_s: float = 2.0
+    duration_s: float = 10.0,
+    *,
+    profile: bool = False,
+    profile_only: bool = False,
+    warmup_s: float = 2.0,
+    changes_set: tuple[int, ...] = CHANGES,
+    connections_set: tuple[int, ...] = CONNECTIONS,
 ) -> dict[str, Any]:
-    """Measure (unless `profile_only`), then profile ingest at 32 connections when asked."""
+    """Measure (unless `profile_only`), then profile ingest at 32 connections when asked.
+
+    A subset of bodies or connection counts (for a quick check while working) prints its rows
+    and saves no result."""
     profile = profile or profile_only
+    full = changes_set == CHANGES and connections_set == CONNECTIONS
     wrk_bin()
     with services("ingest") as svc:
         tenant: Tenant = asyncio.run(add_tenant(svc.database_url, SLUG, agents=0))
@@ -181,8 +191,8 @@ def run(
         servers = _servers(svc, svc.data_dir)
         rows: list[dict[str, Any]] = []
         with running(*servers):
-            for changes in () if profile_only else CHANGES:
-                for connections in CONNECTIONS:
+            for changes in () if profile_only else changes_set:
+                for connections in connections_set:
                     for server in servers:
                         url = f"{server.url}/webhooks/meta/{SLUG}"
                         run_wrk(url, scripts[changes], connections=connections, duration_s=warmup_s)
@@ -195,6 +205,7 @@ def run(
                             f"{server.name:>10} {changes:>3}-change c={connections:<3} "
                             f"{result.rps:8.0f} req/s p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms"
                             f" errors {result.errors} cpu {cpu_pct:.0f}%"
+                            f" ({_cpu_ms(cpu_pct, result.rps):.3f} ms/req)"
                         )
                         rows.append(
                             {
@@ -210,11 +221,13 @@ def run(
                                 "errors": result.errors,
                                 "requests": result.requests,
                                 "server_cpu_pct": round(cpu_pct, 1),
+                                # CPU per request: steadier than req/s when the machine is shared.
+                                "cpu_ms_per_req": round(_cpu_ms(cpu_pct, result.rps), 4),
                             }
                         )
             profiles: dict[str, Any] = {}
             if profile:
-                for changes in CHANGES:
+                for changes in changes_set:
                     summary = _profile(servers[1], scripts[changes], duration_s, changes)
                     if summary is not None:
                         profiles[f"{changes}-change c=32"] = summary
@@ -223,6 +236,10 @@ def run(
             print_profile(f"cortexx ingest, {name}", summary)
         save_result("ingest-profile", {"duration_s": duration_s, "profiles": profiles})
         return {"profiles": profiles}
+    if not full:
+        for name, summary in profiles.items():
+            print_profile(f"cortexx ingest, {name}", summary)
+        return {"rows": rows, "profiles": profiles}
     report = _report(rows)
     for name, summary in profiles.items():
         print_profile(f"cortexx ingest, {name}", summary)
@@ -248,6 +265,10 @@ def _profile(server: Child, script: Path, duration_s: float, changes: int) -> di
     return summarize_profile(out)
 
 
+def _cpu_ms(cpu_pct: float, rps: float) -> float:
+    return 10 * cpu_pct / rps if rps else 0.0
+
+
 def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["server"], r["changes"], r["connections"]): r for r in rows}
     table = []
@@ -267,11 +288,25 @@ def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
                         bare["p99_ms"],
                         ours["errors"],
                         ours["server_cpu_pct"],
+                        ours["cpu_ms_per_req"],
+                        bare["cpu_ms_per_req"],
                     )
                 )
     print_table(
         "ingest vs bare FastAPI endpoint (same run)",
-        ["config", "req/s", "bare req/s", "ratio", "p50 ms", "p99 ms", "bare p99 ms", "errors", "cpu %"],
+        [
+            "config",
+            "req/s",
+            "bare req/s",
+            "ratio",
+            "p50 ms",
+            "p99 ms",
+            "bare p99 ms",
+            "errors",
+            "cpu %",
+            "cpu ms/req",
+            "bare cpu ms/req",
+        ],
         table,
     )
     key = by[("ours", 1, 32)]
@@ -330,8 +365,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--profile", action="store_true", help="py-spy profile of ingest at 32 connections")
     parser.add_argument("--profile-only", action="store_true", help="only the profiles, no measurement")
+    parser.add_argument(
+        "--changes", type=int, action="append", choices=CHANGES, help="only this body (repeatable)"
+    )
+    parser.add_argument("--connections", type=int, action="append", help="only this many (repeatable)")
     args = parser.parse_args(argv)
-    run(args.duration, profile=args.profile, profile_only=args.profile_only)
+    run(
+        args.duration,
+        profile=args.profile,
+        profile_only=args.profile_only,
+        changes_set=tuple(args.changes or CHANGES),
+        connections_set=tuple(args.connections or CONNECTIONS),
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ import uuid
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import DefaultPartitioner
 
+from infra.kafka import partition_index
 from infra.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
 from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS
@@ -79,6 +82,80 @@ async def test_signed_post_is_on_the_topic_when_answered(
     assert response.headers["x-request-id"] == request_id
     # 200 means acknowledged with acks=all: the records are readable right away.
     assert (await _request_ids_on_topic(services)).get(request_id) == 3
+    # One log event per POST, carrying what traces it.
+    events = [
+        orjson.loads(line) for line in ingest.log_path.read_bytes().splitlines() if line.startswith(b"{")
+    ]
+    accepted = [
+        e for e in events if e.get("event") == "webhook.accepted" and e.get("request_id") == request_id
+    ]
+    assert len(accepted) == 1
+    assert accepted[0]["tenant"] == tenant.slug
+    assert accepted[0]["topic"] == META_WEBHOOKS
+    assert accepted[0]["records"] == 3
+
+
+def test_cached_partitioner_is_aiokafkas():
+    """The producer's cached key -> partition is aiokafka's default partitioner, so a key's
+    records land where they always did and keep their order."""
+    for count in (1, 3, 4, 12):
+        partitions = list(range(count))
+        for i in range(2000):
+            key = f"tenant-{i % 7}:1065:4915{i:08d}".encode()
+            expected = DefaultPartitioner()(key, partitions, partitions)
+            assert partitions[partition_index(key, count)] == expected
+            assert partitions[partition_index(key, count)] == expected  # from the cache
+
+
+async def test_batched_post_keeps_every_record_and_each_conversations_order(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    """A many-record POST is produced one batch per partition: every record is kept, each on
+    its key's partition, in the order Meta sent them."""
+    senders = [f"4917000{c:05d}" for c in range(12)]
+    changes = []
+    for i in range(10):  # interleaved: contact 0..11 each send message i
+        for sender in senders:
+            message = wa_message("text", wamid=f"wamid.{sender}.{i}", from_=sender, timestamp=1750000000 + i)
+            changes.append(
+                wa_change(
+                    phone_number_id="1065",
+                    display_phone_number="15550001",
+                    messages=[message],
+                    contacts=[(sender, "Ann")],
+                )
+            )
+    request_id = uuid.uuid4().hex
+    response = await post_signed(
+        client, ingest.url, tenant, wa_envelope(changes, waba_id="1022"), request_id=request_id
+    )
+    assert response.status_code == 200, response.text
+    ours = [
+        r
+        for r in await read_topic(services.kafka_bootstrap, META_WEBHOOKS)
+        if orjson.loads(r.value)["request_id"] == request_id
+    ]
+    assert len(ours) == 120
+    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = sorted(consumer.partitions_for_topic(META_WEBHOOKS) or ())
+    finally:
+        await consumer.stop()
+    assert len(partitions) > 1
+    by_key: dict[bytes, list] = {}
+    for record in sorted(ours, key=lambda r: (r.partition, r.offset)):
+        by_key.setdefault(record.key, []).append(record)
+    assert len(by_key) == 12
+    for key, records in by_key.items():
+        assert {r.partition for r in records} == {DefaultPartitioner()(key, partitions, partitions)}
+        values = [orjson.loads(r.value) for r in records]
+        sender = key.decode().rsplit(":", 1)[1]
+        assert [v["payload"]["messages"][0]["id"] for v in values] == [
+            f"wamid.{sender}.{i}" for i in range(10)
+        ]
+        assert [v["seq"] for v in values] == sorted(v["seq"] for v in values)
 
 
 async def test_every_update_of_a_large_batch_is_kept(
