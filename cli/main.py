@@ -114,6 +114,7 @@ def ingest(
         port=port or settings.ingest_port,
         process="ingest",
         grace_s=settings.shutdown_grace_s,
+        stop_deadline_s=settings.stop_deadline_s,
     )
     raise typer.Exit(code)
 

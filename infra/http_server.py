@@ -82,7 +82,8 @@ def serve_http(
     app: Any, *, host: str, port: int, process: str, grace_s: float, stop_deadline_s: float | None = None
 ) -> int:
     """Serve `app` until a stop is requested and drained; return the exit code."""
-    lifecycle.install(process, stop_deadline_s=stop_deadline_s or 3 * grace_s)
+    # The deadline must leave the drain its time: at least twice the grace.
+    lifecycle.install(process, stop_deadline_s=max(stop_deadline_s or 0.0, 2 * grace_s))
     draining = DrainingMiddleware(app)
     config = uvicorn.Config(
         draining,
