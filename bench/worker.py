@@ -10,8 +10,9 @@ consumer reads the whole backlog in its own consumer group, on the same broker a
   record (bench/faust_bare.py): Faust's ceiling, the first with the issue's `take(2000)`, the
   second with the worker's own stream usage;
 - `faust-bare take(2000) uvloop`: the same on uvloop, as the worker runs;
-- `cortexx worker x1` and `x2`: the real worker process(es) (uvloop, `BatchStore`), until every
-  row is committed;
+- `cortexx worker x1` and `x2`: the real worker process(es) (uvloop, `BatchStore`, writes
+  overlapped with gathering the next batch), until every row is committed; and x1 with writes
+  not overlapped, and on the asyncio loop, to price both settings;
 - `hand store`: aiokafka + asyncpg loop running the per-record SQL (processors.store.Store), what
   the worker did before its batch path;
 - `hand sets`: the same loop with the worker's batch path (processors.batch_store) and overlapped
@@ -64,6 +65,8 @@ from ingest.envelope import split_envelope
 TENANTS = ("bench-a", "bench-b", "bench-c", "bench-d")
 TARGET_OF_BARE = 0.85
 TARGET_SCALING = 1.5
+NOT_OVERLAPPED = "cortexx worker x1, writes not overlapped"
+ASYNCIO_LOOP = "cortexx worker x1, asyncio loop (not uvloop)"
 LIVE_X1 = "cortexx worker x1, joined before the load"
 LIVE_X2 = "cortexx worker x2, joined before the load"
 
@@ -449,6 +452,8 @@ def run(
                 )
             runs.append(workers("cortexx worker x1", 1))
             runs.append(workers("cortexx worker x2", 2))
+            runs.append(workers(NOT_OVERLAPPED, 1, worker_overlap_writes="false"))
+            runs.append(workers(ASYNCIO_LOOP, 1, worker_event_loop="asyncio"))
             runs.append(live_workers(LIVE_X1, 1))
             runs.append(live_workers(LIVE_X2, 2))
             if variants:
@@ -549,6 +554,8 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
         "worker_vs_hand_store": round(one.rate / by["hand store (per-record SQL)"].rate, 3),
         "worker_vs_hand_sets": round(one.rate / hand_sets.rate, 3) if hand_sets.rate else None,
         "worker_vs_bare_uvloop": round(one.rate / bare_uvloop.rate, 3),
+        "overlap_gain": round(one.rate / by[NOT_OVERLAPPED].rate, 3),
+        "uvloop_gain_in_worker": round(one.rate / by[ASYNCIO_LOOP].rate, 3),
         "uvloop_bare_vs_bare": round(bare_uvloop.rate / bare.rate, 3),
         "same_rows": same_rows,
         "target_bare_met": ratio_bare >= TARGET_OF_BARE,
@@ -562,6 +569,10 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
     console.print(
         f"worker x1 vs bare Faust on uvloop: {summary['worker_vs_bare_uvloop']:.2f}; uvloop raises the "
         f"bare ceiling x{summary['uvloop_bare_vs_bare']:.2f}"
+    )
+    console.print(
+        f"in the worker: overlapped writes x{summary['overlap_gain']:.2f}, "
+        f"uvloop x{summary['uvloop_gain_in_worker']:.2f}"
     )
     console.print(
         f"worker vs hand-written loop: {summary['worker_vs_hand_sets']} (same batch path), "

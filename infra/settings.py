@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     worker_app_id: str = "cortexx"
     worker_batch_max: int = Field(default=500, ge=1)
     worker_batch_within_s: float = Field(default=0.05, gt=0)
+    # Gather the next batch while Postgres writes this one (still one write at a time, in order).
+    worker_overlap_writes: bool = True
+    worker_event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     worker_web_port: int = 6066
     worker_session_timeout_s: float = Field(default=6.0, gt=0)
     db_retry_max_s: float = Field(default=5.0, gt=0)

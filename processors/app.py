@@ -10,6 +10,7 @@ dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import faust
@@ -123,26 +124,48 @@ def create_app(settings: Settings) -> faust.App:
             retry_max_s=settings.db_retry_max_s,
             company_cache_ttl_s=settings.company_cache_ttl_s,
         )
+
+        async def store(events: list[EventT[Any]]) -> None:
+            batch = [_raw(event) for event in events]
+            stats = await writer.write(batch)
+            for event in events:
+                await stream.ack(event)
+            log.info(
+                "webhooks.batch_stored",
+                records=len(batch),
+                messages=stats.messages,
+                duplicates=stats.duplicates,
+                statuses=stats.statuses,
+                notifications=stats.notifications,
+                partitions=sorted({r.partition for r in batch}),
+                last_offset=batch[-1].offset,
+            )
+
+        # With overlap, Faust gathers and decodes the next batch while Postgres writes this one
+        # (the database's time would otherwise stall the agent). Still one batch written at a
+        # time, in order, and acknowledged after its commit: order per key and at-least-once
+        # are as without.
+        writing: asyncio.Task[None] | None = None
         try:
             # noack_take is faust-streaming's; its StreamT protocol does not declare it.
             async for events in stream.noack_take(  # type: ignore[attr-defined]
                 settings.worker_batch_max, within=settings.worker_batch_within_s
             ):
-                batch = [_raw(event) for event in events]
-                stats = await writer.write(batch)
-                for event in events:
-                    await stream.ack(event)
-                log.info(
-                    "webhooks.batch_stored",
-                    records=len(batch),
-                    messages=stats.messages,
-                    duplicates=stats.duplicates,
-                    statuses=stats.statuses,
-                    notifications=stats.notifications,
-                    partitions=sorted({r.partition for r in batch}),
-                    last_offset=batch[-1].offset,
-                )
+                if writing is not None:
+                    await writing
+                    writing = None
+                if settings.worker_overlap_writes:
+                    writing = asyncio.ensure_future(store(list(events)))
+                    writing.add_done_callback(_log_failure)
+                else:
+                    await store(list(events))
+            if writing is not None:
+                await writing
         finally:
+            if writing is not None and not writing.done():
+                writing.cancel()  # not acked: redelivered, and the idempotent writes absorb it
+                with contextlib.suppress(BaseException):
+                    await writing
             await pool.close()
             await agent_stopped("webhooks")
 
@@ -198,6 +221,12 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # Said at once; the agent re-raises it when it next awaits the write.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("webhooks.batch_failed", error=repr(task.exception()))
+
+
 def _headers(headers: Any) -> list[tuple[str, bytes]]:
     if not headers:
         return []
@@ -230,9 +259,9 @@ def run_worker(settings: Settings) -> int:
 
     import mode.loop
 
-    # uvloop raises Faust's own per-event ceiling by 15-29% here (BENCHMARKS.md); it must be the
-    # policy before the app and its loop exist.
-    mode.loop.use("uvloop")
+    # Must be the policy before the app and its loop exist (BENCHMARKS.md compares the two).
+    if settings.worker_event_loop == "uvloop":
+        mode.loop.use("uvloop")
     lifecycle.install("worker", stop_deadline_s=settings.stop_deadline_s)
     app = create_app(settings)
     worker = _Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
