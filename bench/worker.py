@@ -472,7 +472,12 @@ def run(
         if profile_dir is not None:
             profiled = [
                 bare("profile: faust-bare take(2000)", "--mode", "take", "--batch", "2000", prof=True),
-                workers("profile: cortexx worker x1", 1, prof=True),
+                workers(
+                    "profile: cortexx worker x1 (asyncio loop: py-spy cannot see into uvloop)",
+                    1,
+                    prof=True,
+                    worker_event_loop="asyncio",
+                ),
                 bare(
                     "profile: faust-bare take(2000) uvloop",
                     "--mode",
