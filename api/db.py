@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 from asyncpg.transaction import Transaction
@@ -20,6 +20,9 @@ from asyncpg.transaction import Transaction
 from api.errors import DatabaseUnavailable
 from api.metrics import QUERY_SECONDS, SLOW_QUERIES
 from infra.logging import get_logger
+
+if TYPE_CHECKING:
+    from api.sessions import SessionUser
 
 log = get_logger("api.db")
 
@@ -109,10 +112,11 @@ class Db:
 class ScopedDb:
     """The request's connection bound to the session user: runs company and user queries only."""
 
-    def __init__(self, db: Db, *, company_id: int, user_id: int) -> None:
+    def __init__(self, db: Db, user: SessionUser) -> None:
         self._db = db
-        self.company_id = company_id
-        self.user_id = user_id
+        self.user = user
+        self.company_id = user.company_id
+        self.user_id = user.id
 
     def _bind(self, query: CompanyQuery | UserQuery, args: tuple[Any, ...]) -> tuple[Query, tuple[Any, ...]]:
         if isinstance(query, UserQuery):

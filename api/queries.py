@@ -154,7 +154,10 @@ CONVERSATION_EXISTS = CompanyQuery(
     "SELECT true FROM conversations WHERE company_id = $1 AND id = $2 AND deleted_at IS NULL",
 )
 
-# Messages of one conversation: append-only, so the keyset is stable by nature.
+# Messages of one conversation: append-only, so the keyset is stable by nature. The statement
+# answers nothing unless the conversation is there and not deleted (a one-time check, not per
+# row), so that a page costs one round trip; CONVERSATION_EXISTS then tells an empty page from
+# a missing conversation.
 
 LIST_MESSAGES = CompanyQuery(
     "messages.list",
@@ -164,6 +167,8 @@ SELECT id, conversation_id, external_id, direction, type, body, status, status_a
   FROM messages
  WHERE company_id = $1 AND conversation_id = $2
    AND (created_at, id) < ($3, $4)
+   AND EXISTS (SELECT 1 FROM conversations
+                WHERE company_id = $1 AND id = $2 AND deleted_at IS NULL)
  ORDER BY created_at DESC, id DESC
  LIMIT $5
 """,

@@ -7,14 +7,13 @@ import uuid
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.cursor import Position
-from api.deps import CurrentUser, Paging, Scoped, Service
-from api.errors import ApiError, NotFound
+from api.deps import Paging, Scoped, Service
+from api.errors import ApiError, InvalidCursor, NotFound
 from api.metrics import REPLIES
 from api.models import (
-    ContactOut,
     ConversationOut,
     ConversationPage,
     ConversationStatus,
@@ -36,6 +35,7 @@ from api.queries import (
     REPLY_INSERT,
     REPLY_TARGET,
 )
+from api.responses import json_response
 from infra.kafka import BrokerUnavailable
 from infra.logging import get_logger
 from infra.topics import WUZAPI_OUTBOUND
@@ -51,18 +51,28 @@ FOLD_ABOVE_ROWS = 256
 ConversationId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
-def conversation_out(row: asyncpg.Record) -> ConversationOut:
-    return ConversationOut(
-        id=row["id"],
-        status=row["status"],
-        channel=row["channel"],
-        contact=ContactOut(id=row["contact_id"], phone_number=row["phone_number"], name=row["contact_name"]),
-        last_message_at=row["last_message_at"],
-        last_message_preview=row["last_message_preview"],
-        unread_count=row["unread_count"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+def conversation_json(row: asyncpg.Record) -> dict[str, Any]:
+    """A row as `ConversationOut` writes it (same keys, same order)."""
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "channel": row["channel"],
+        "contact": {
+            "id": row["contact_id"],
+            "phone_number": row["phone_number"],
+            "name": row["contact_name"],
+        },
+        "last_message_at": row["last_message_at"],
+        "last_message_preview": row["last_message_preview"],
+        "unread_count": row["unread_count"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def message_json(row: asyncpg.Record) -> dict[str, Any]:
+    """A row as `MessageOut` writes it: the statements select its fields in its order."""
+    return dict(row)
 
 
 def message_out(row: asyncpg.Record) -> MessageOut:
@@ -76,12 +86,17 @@ def _last(rows: list[asyncpg.Record], limit: int) -> Position | None:
     return Position(rows[limit - 1]["created_at"], rows[limit - 1]["id"])
 
 
-@router.get("")
+# The read routes answer JSON built from the rows (api/responses.py); `response_model` keeps
+# their OpenAPI schema.
+
+
+@router.get("", response_model=ConversationPage)
 async def list_conversations(
     db: Scoped,
     page: Paging,
+    response: Response,
     status_: Annotated[ConversationStatus | None, Query(alias="status")] = None,
-) -> ConversationPage:
+) -> Response:
     """Conversations, newest first (by creation: paging never repeats or skips one)."""
     scope = (db.company_id, status_)
     start = page.start("conversations", scope)
@@ -89,17 +104,18 @@ async def list_conversations(
         rows = await db.fetch(LIST_CONVERSATIONS, start.at, start.id, page.limit + 1)
     else:
         rows = await db.fetch(LIST_CONVERSATIONS_BY_STATUS, start.at, start.id, status_, page.limit + 1)
-    return ConversationPage(
-        items=[conversation_out(r) for r in rows[: page.limit]],
-        next_cursor=page.next_cursor("conversations", scope, _last(rows, page.limit)),
-    )
+    content = {
+        "items": [conversation_json(r) for r in rows[: page.limit]],
+        "next_cursor": page.next_cursor("conversations", scope, _last(rows, page.limit)),
+    }
+    return json_response(content, response)
 
 
-@router.get("/counts")
-async def status_counts(db: Scoped) -> StatusCounts:
+@router.get("/counts", response_model=StatusCounts)
+async def status_counts(db: Scoped, response: Response) -> Response:
     """How many conversations are in each status."""
     rows = await db.fetch(CONVERSATION_COUNTS)
-    counts: dict[str, Any] = {r["status"]: r["n"] for r in rows}
+    counts: dict[str, int] = {r["status"]: r["n"] for r in rows}
     if sum(r["rows"] for r in rows) > FOLD_ABOVE_ROWS:
         # A bulk change (thousands of rows in one transaction) leaves as many deltas: the first
         # read folds them, so the next ones sum a few rows again. The answer is already known.
@@ -107,39 +123,55 @@ async def status_counts(db: Scoped) -> StatusCounts:
             await db.execute(FOLD_CONVERSATION_COUNTS)
         except asyncpg.PostgresError as exc:
             log.warning("conversations.counts_fold_failed", error=f"{type(exc).__name__}: {exc}")
-    return StatusCounts(**counts, total=sum(counts.values()))
+    content = {
+        "open": counts.get("open", 0),
+        "pending": counts.get("pending", 0),
+        "closed": counts.get("closed", 0),
+        "total": sum(counts.values()),
+    }
+    return json_response(content, response)
 
 
-@router.get("/{conversation_id}")
-async def get_conversation(conversation_id: ConversationId, db: Scoped) -> ConversationOut:
+@router.get("/{conversation_id}", response_model=ConversationOut)
+async def get_conversation(conversation_id: ConversationId, db: Scoped, response: Response) -> Response:
     row = await db.fetchrow(GET_CONVERSATION, conversation_id)
     if row is None:
         raise NotFound("conversation")
-    return conversation_out(row)
+    return json_response(conversation_json(row), response)
 
 
-@router.get("/{conversation_id}/messages")
-async def list_messages(conversation_id: ConversationId, db: Scoped, page: Paging) -> MessagePage:
+@router.get("/{conversation_id}/messages", response_model=MessagePage)
+async def list_messages(
+    conversation_id: ConversationId, db: Scoped, page: Paging, response: Response
+) -> Response:
     """The conversation's messages, newest first."""
-    if not await db.fetchval(CONVERSATION_EXISTS, conversation_id):
-        raise NotFound("conversation")
     scope = (db.company_id, conversation_id)
-    start = page.start("messages", scope)
+    try:
+        start = page.start("messages", scope)
+    except InvalidCursor:
+        # An absent conversation is a 404 whatever the cursor, as it always was.
+        if not await db.fetchval(CONVERSATION_EXISTS, conversation_id):
+            raise NotFound("conversation") from None
+        raise
+    # The statement checks that the conversation is there (and not deleted) itself; only an
+    # empty page costs a second statement, to tell an empty page from a 404.
     rows = await db.fetch(LIST_MESSAGES, conversation_id, start.at, start.id, page.limit + 1)
-    return MessagePage(
-        items=[message_out(r) for r in rows[: page.limit]],
-        next_cursor=page.next_cursor("messages", scope, _last(rows, page.limit)),
-    )
+    if not rows and not await db.fetchval(CONVERSATION_EXISTS, conversation_id):
+        raise NotFound("conversation")
+    content = {
+        "items": [message_json(r) for r in rows[: page.limit]],
+        "next_cursor": page.next_cursor("messages", scope, _last(rows, page.limit)),
+    }
+    return json_response(content, response)
 
 
 @router.post("/{conversation_id}/messages", status_code=status.HTTP_202_ACCEPTED)
-async def reply(
-    conversation_id: ConversationId, body: ReplyIn, db: Scoped, user: CurrentUser, service: Service
-) -> MessageOut:
+async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, service: Service) -> MessageOut:
     """Send a text reply: stored at once as `pending`, then queued on `wuzapi.outbound` (202).
 
     503 `broker_unavailable` means it was stored but not queued: retry with the same `id`.
     """
+    user = db.user
     outbound_id = body.id or uuid.uuid4().hex
     queue = True
     async with db.transaction():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import asyncpg
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 
 from api.cursor import Position
 from api.deps import Paging, Scoped
@@ -17,6 +17,7 @@ from api.queries import (
     MARK_NOTIFICATION_READ,
     UNREAD_NOTIFICATIONS,
 )
+from api.responses import json_response
 from infra.logging import get_logger
 
 log = get_logger("api.notifications")
@@ -30,8 +31,8 @@ def notification_out(row: asyncpg.Record) -> NotificationOut:
     return NotificationOut(**dict(row))
 
 
-@router.get("")
-async def list_notifications(db: Scoped, page: Paging) -> NotificationPage:
+@router.get("", response_model=NotificationPage)
+async def list_notifications(db: Scoped, page: Paging, response: Response) -> Response:
     """Newest first, read or not."""
     scope = (db.company_id, db.user_id)
     start = page.start("notifications", scope)
@@ -39,10 +40,13 @@ async def list_notifications(db: Scoped, page: Paging) -> NotificationPage:
     last = None
     if len(rows) > page.limit:
         last = Position(rows[page.limit - 1]["created_at"], rows[page.limit - 1]["id"])
-    return NotificationPage(
-        items=[notification_out(r) for r in rows[: page.limit]],
-        next_cursor=page.next_cursor("notifications", scope, last),
-    )
+    # JSON straight from the rows (api/responses.py): the statement selects `NotificationOut`'s
+    # fields in its order.
+    content = {
+        "items": [dict(r) for r in rows[: page.limit]],
+        "next_cursor": page.next_cursor("notifications", scope, last),
+    }
+    return json_response(content, response)
 
 
 @router.get("/unread-count")
