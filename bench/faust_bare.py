@@ -71,6 +71,16 @@ def create_app(
         )
         out.flush()
 
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
+        # The worker's own event, so that the benchmark can tell when a group has settled.
+        line = {
+            "event": "worker.partitions_assigned",
+            "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        }
+        out.write(orjson.dumps(line).decode() + "\n")
+        out.flush()
+
     @app.agent(topic, name="bare")
     async def bare(stream: faust.StreamT[Any]) -> None:
         if mode == "take":

@@ -67,6 +67,8 @@ TARGET_OF_BARE = 0.85
 TARGET_SCALING = 1.5
 NOT_OVERLAPPED = "cortexx worker x1, writes not overlapped"
 ASYNCIO_LOOP = "cortexx worker x1, asyncio loop (not uvloop)"
+LIVE_BARE_X1 = "faust-bare take(2000) x1, joined before the load"
+LIVE_BARE_X2 = "faust-bare take(2000) x2, joined before the load"
 LIVE_X1 = "cortexx worker x1, joined before the load"
 LIVE_X2 = "cortexx worker x2, joined before the load"
 
@@ -330,6 +332,7 @@ def run(
     profile: bool = False,
     variants: bool = False,
     profile_only: bool = False,
+    scaling_only: bool = False,
     timeout_s: float = 900.0,
 ) -> dict[str, Any]:
     profile = profile or profile_only
@@ -389,7 +392,7 @@ def run(
             console.print(f"{name}: {result.rate:,.0f} records/s")
             return result
 
-        def live_workers(name: str, count: int) -> Run:
+        def live_workers(name: str, count: int, bare_args: list[str] | None = None) -> Run:
             """Workers that joined their group before the load: no rebalance inside the window
             (with a backlog waiting, the second worker's join pauses and redelivers, which is a
             cost of starting, not of throughput). They get a broker of their own, empty until
@@ -401,18 +404,40 @@ def run(
                 asyncio.run(declare_topics(broker.bootstrap, partitions=PARTITIONS, replication=1))
                 g = group("live")
                 env = svc.env(worker_app_id=g, kafka_bootstrap=broker.bootstrap)
-                children = [Child.cortexx(f"live-{n}-{i}", ["worker"], env, log_dir) for i in range(count)]
+                if bare_args is None:
+                    children = [
+                        Child.cortexx(f"live-{n}-{i}", ["worker"], env, log_dir) for i in range(count)
+                    ]
+                else:
+                    argv = ["--bootstrap", broker.bootstrap, "--group", g, *bare_args]
+                    children = [
+                        Child.module(f"live-bare-{n}-{i}", "bench.faust_bare", argv, env, log_dir)
+                        for i in range(count)
+                    ]
 
                 def feed(started: list[Child]) -> None:
                     wait_settled(started, PARTITIONS)
                     asyncio.run(produce(broker.bootstrap, backlog))
 
-                result = measure(svc, Run(name, "worker"), children, records, timeout_s=timeout_s, feed=feed)
+                kind = "worker" if bare_args is None else "bare"
+                result = measure(svc, Run(name, kind), children, records, timeout_s=timeout_s, feed=feed)
             finally:
                 broker.stop()
-            result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
+            if bare_args is None:
+                result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
             console.print(f"{name}: {result.rate:,.0f} records/s")
             return result
+
+        take = ["--mode", "take", "--batch", "2000"]
+        if scaling_only:
+            runs += [
+                live_workers(LIVE_BARE_X1, 1, take),
+                live_workers(LIVE_BARE_X2, 2, take),
+                live_workers(LIVE_X1, 1),
+                live_workers(LIVE_X2, 2),
+            ]
+            _scaling_report(runs)
+            return {"records": records, "runs": [r.row() for r in runs]}
 
         def hand(name: str, *args: str, count: int = 1) -> Run:
             asyncio.run(_sql(svc.database_url, TRUNCATE))
@@ -454,6 +479,8 @@ def run(
             runs.append(workers("cortexx worker x2", 2))
             runs.append(workers(NOT_OVERLAPPED, 1, worker_overlap_writes="false"))
             runs.append(workers(ASYNCIO_LOOP, 1, worker_event_loop="asyncio"))
+            runs.append(live_workers(LIVE_BARE_X1, 1, take))
+            runs.append(live_workers(LIVE_BARE_X2, 2, take))
             runs.append(live_workers(LIVE_X1, 1))
             runs.append(live_workers(LIVE_X2, 2))
             if variants:
@@ -497,6 +524,20 @@ def run(
         save_result("worker-profile", result)
         return result
     return _report(records, runs)
+
+
+def _scaling_report(runs: list[Run]) -> dict[str, float]:
+    """x2 / x1 of the worker against x2 / x1 of bare Faust: what the machine allows."""
+    by = {r.name: r for r in runs}
+    figures = {
+        "bare_x2_vs_x1": round(by[LIVE_BARE_X2].rate / by[LIVE_BARE_X1].rate, 3),
+        "worker_x2_vs_x1": round(by[LIVE_X2].rate / by[LIVE_X1].rate, 3),
+    }
+    console.print(
+        f"x2 / x1, joined before the load: bare Faust {figures['bare_x2_vs_x1']:.2f}, "
+        f"worker {figures['worker_x2_vs_x1']:.2f}"
+    )
+    return figures
 
 
 def _report(records: int, runs: list[Run]) -> dict[str, Any]:
@@ -583,6 +624,7 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
         f"worker vs hand-written loop: {summary['worker_vs_hand_sets']} (same batch path), "
         f"{summary['worker_vs_hand_store']:.2f} (per-record SQL); rows identical across runs: {same_rows}"
     )
+    summary.update(_scaling_report(measured))
     result = {"records": records, "runs": [r.row() for r in runs], "summary": summary}
     path = save_result("worker", result)
     console.print(f"results appended to {path}")
@@ -600,6 +642,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--variants", action="store_true", help="also try Faust settings and 2 hand loops")
     parser.add_argument("--profile-only", action="store_true", help="only the profiled runs")
+    parser.add_argument(
+        "--scaling-only",
+        action="store_true",
+        help="only x1 / x2, bare Faust and worker, joined before the load",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
     args = parser.parse_args(argv)
     run(
@@ -608,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         profile=args.profile,
         variants=args.variants,
         profile_only=args.profile_only,
+        scaling_only=args.scaling_only,
         timeout_s=args.timeout,
     )
 
