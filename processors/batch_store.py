@@ -24,7 +24,6 @@ the caller redoes it record by record with `Store`, which finds the culprit.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +33,17 @@ import asyncpg
 import orjson
 
 from processors.autoreply import Company, CompanyCache, auto_replies_due
-from processors.store import STATUS_RANK, PoisonRecord, Store, _clip, _ts, whatsapp_body
+from processors.store import (
+    STATUS_RANK,
+    PoisonRecord,
+    Store,
+    _clip,
+    _ts,
+    event_key,
+    messaging_message,
+    profile_names,
+    whatsapp_body,
+)
 from schemas.meta import WHATSAPP_OBJECT
 from schemas.records import WebhookRecord
 
@@ -202,7 +211,8 @@ class BatchStore:
                     if not self._messaging(company, record, names, messages):
                         fallback.append(record)
                 else:
-                    digest, payload = _event_key(record.object, record.entry_id, record.field, record.payload)
+                    digest = event_key(record.object, record.entry_id, record.field, record.payload)
+                    payload = orjson.dumps(record.payload).decode()
                     events.setdefault((company.id, digest), (record.object, record.field, payload))
         except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
             # The per-record path's rule: a payload of an unexpected shape is poison.
@@ -241,11 +251,7 @@ class BatchStore:
             return False
         if any(isinstance(s, dict) and s.get("status") not in STATUS_RANK for s in raw_statuses):
             return False  # an unranked status is kept as an event by the per-record path
-        profile = {
-            str(c.get("wa_id")): (c.get("profile") or {}).get("name")
-            for c in value.get("contacts") or ()
-            if isinstance(c, dict)
-        }
+        profile = profile_names(value)
         for message in raw_messages:
             if not isinstance(message, dict) or not message.get("id"):
                 raise PoisonRecord("WhatsApp message without an id")
@@ -299,36 +305,24 @@ class BatchStore:
         names: dict[ContactKey, str | None],
         messages: list[_Message],
     ) -> bool:
-        event = record.payload
-        message = event.get("message")
-        if not isinstance(message, dict) or not message.get("mid"):
+        message = messaging_message(record)
+        if message is None:
             return False  # delivery, read and others: the per-record path
-        channel = "instagram" if record.object == "instagram" else "messenger"
-        sender = str((event.get("sender") or {}).get("id", ""))
-        recipient = str((event.get("recipient") or {}).get("id", ""))
-        echo = bool(message.get("is_echo")) or sender == record.entry_id
-        user = recipient if echo else sender
-        if not user:
+        if not message.user:
             raise PoisonRecord("update names no contact")
-        key = (company.id, user, channel)
+        key = (company.id, message.user, message.channel)
         names.setdefault(key, None)
-        attachments = message.get("attachments") or []
-        kind = "text"
-        body = message.get("text")
-        if body is None and attachments:
-            kind = str(attachments[0].get("type", "attachment"))
-            body = f"[{kind}]"
         messages.append(
             _Message(
                 company,
                 key,
-                str(message["mid"]),
-                "outbound" if echo else "inbound",
-                kind,
-                str(body or ""),
-                event,
-                _ts(event.get("timestamp")),
-                f"New message from {user}",
+                message.external_id,
+                message.direction,
+                message.kind,
+                message.body,
+                record.payload,
+                _ts(record.payload.get("timestamp")),
+                f"New message from {message.user}",
             )
         )
         return True
@@ -518,11 +512,3 @@ class BatchStore:
             [first_at[k] for k in keys],
         )
         self.stats.statuses += len(statuses)
-
-
-def _event_key(obj: str, entry_id: str, field: str, payload: Any) -> tuple[str, str]:
-    """The per-record path's event key (same digest), and the payload as JSON text."""
-    digest = hashlib.sha256(
-        orjson.dumps([obj, entry_id, field, payload], option=orjson.OPT_SORT_KEYS)
-    ).hexdigest()
-    return digest, orjson.dumps(payload).decode()

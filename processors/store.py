@@ -218,6 +218,59 @@ def whatsapp_body(message: dict[str, Any]) -> str:
     return f"[{kind}]"
 
 
+def event_key(obj: str, entry_id: str, field: str, payload: Any) -> str:
+    """The key a kept event is unique by: the same payload redelivered hashes the same."""
+    return hashlib.sha256(
+        orjson.dumps([obj, entry_id, field, payload], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+
+
+def profile_names(value: dict[str, Any]) -> dict[str, Any]:
+    """A WhatsApp change's contacts: wa_id -> profile name (None where not given)."""
+    return {
+        str(c.get("wa_id")): (c.get("profile") or {}).get("name")
+        for c in value.get("contacts") or ()
+        if isinstance(c, dict)
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class MessagingMessage:
+    """A Messenger / Instagram message event, as both write paths store it."""
+
+    channel: str
+    user: str  # the customer: the recipient of an echo, else the sender
+    external_id: str
+    direction: str
+    kind: str
+    body: str
+
+
+def messaging_message(record: WebhookRecord) -> MessagingMessage | None:
+    """The message of a `messaging` record; None for receipts and other events."""
+    event = record.payload
+    message = event.get("message")
+    if not isinstance(message, dict) or not message.get("mid"):
+        return None
+    sender = str((event.get("sender") or {}).get("id", ""))
+    recipient = str((event.get("recipient") or {}).get("id", ""))
+    echo = bool(message.get("is_echo")) or sender == record.entry_id
+    attachments = message.get("attachments") or []
+    kind = "text"
+    body = message.get("text")
+    if body is None and attachments:
+        kind = str(attachments[0].get("type", "attachment"))
+        body = f"[{kind}]"
+    return MessagingMessage(
+        channel="instagram" if record.object == "instagram" else "messenger",
+        user=recipient if echo else sender,
+        external_id=str(message["mid"]),
+        direction="outbound" if echo else "inbound",
+        kind=kind,
+        body=str(body or ""),
+    )
+
+
 class Store:
     """Writes for one transaction. `companies` caches tenant settings across batches;
     `outbound` collects the auto-replies to produce once the transaction has committed."""
@@ -274,11 +327,7 @@ class Store:
 
     async def _whatsapp(self, company: Company, value: dict[str, Any]) -> None:
         company_id = company.id
-        names = {
-            str(c.get("wa_id")): (c.get("profile") or {}).get("name")
-            for c in value.get("contacts") or ()
-            if isinstance(c, dict)
-        }
+        names = profile_names(value)
         messages = value.get("messages") or ()
         statuses = value.get("statuses") or ()
         if not messages and not statuses:
@@ -383,32 +432,22 @@ class Store:
         company_id = company.id
         event = record.payload
         channel = "instagram" if record.object == "instagram" else "messenger"
-        page_id = record.entry_id
         sender = str((event.get("sender") or {}).get("id", ""))
-        recipient = str((event.get("recipient") or {}).get("id", ""))
-        message = event.get("message")
-        if isinstance(message, dict) and message.get("mid"):
-            echo = bool(message.get("is_echo")) or sender == page_id
-            user = recipient if echo else sender
-            conversation_id = await self._conversation(company_id, user, channel, None)
-            attachments = message.get("attachments") or []
-            kind = "text"
-            body = message.get("text")
-            if body is None and attachments:
-                kind = str(attachments[0].get("type", "attachment"))
-                body = f"[{kind}]"
+        message = messaging_message(record)
+        if message is not None:
+            conversation_id = await self._conversation(company_id, message.user, channel, None)
             await self._message(
                 company,
                 conversation_id,
-                contact=user,
+                contact=message.user,
                 channel=channel,
-                external_id=str(message["mid"]),
-                direction="outbound" if echo else "inbound",
-                kind=kind,
-                body=str(body or ""),
+                external_id=message.external_id,
+                direction=message.direction,
+                kind=message.kind,
+                body=message.body,
                 content=event,
                 at=_ts(event.get("timestamp")),
-                contact_name=user,
+                contact_name=message.user,
             )
             return
         delivery = event.get("delivery")
@@ -435,10 +474,7 @@ class Store:
         await self._keep(company_id, record.object, record.field, record.payload, record.entry_id)
 
     async def _keep(self, company_id: int, obj: str, field: str, payload: Any, entry_id: str = "") -> None:
-        # The same payload redelivered hashes the same, so it is kept once.
-        digest = hashlib.sha256(
-            orjson.dumps([obj, entry_id, field, payload], option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
+        digest = event_key(obj, entry_id, field, payload)
         await self.conn.fetchval(INSERT_EVENT, company_id, obj, field, digest, payload)
         self.stats.events += 1
 
