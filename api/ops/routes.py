@@ -51,7 +51,7 @@ async def require_operator(user: CurrentUser) -> SessionUser:
     return user
 
 
-Admin = Annotated[SessionUser, Depends(require_operator)]
+Operator = Annotated[SessionUser, Depends(require_operator)]
 
 
 def check_csrf(request: Request, user: SessionUser, service: Any) -> None:
@@ -84,7 +84,7 @@ def _filter(
 api = APIRouter(
     prefix="/api/v1/ops",
     tags=["ops"],
-    responses={403: {"model": ErrorOut, "description": "Not an admin, or a bad CSRF token"}},
+    responses={403: {"model": ErrorOut, "description": "Not an operator, or a bad CSRF token"}},
 )
 
 TopicQ = Annotated[str | None, Query(description="Source topic or its .dlq topic.")]
@@ -95,14 +95,14 @@ UntilQ = Annotated[str | None, Query(description="Failed at or before (ISO time)
 
 
 @api.get("/overview")
-async def overview_json(_: Admin, service: Service) -> OverviewOut:
+async def overview_json(_: Operator, service: Service) -> OverviewOut:
     """Processes up or down, ingest and worker rates, lag, dead letters, breakers, 15 minutes of history."""
     return await data.overview(service)
 
 
 @api.get("/dead-letters")
 async def letters_json(
-    _: Admin,
+    _: Operator,
     service: Service,
     topic: TopicQ = None,
     tenant: TenantQ = None,
@@ -116,13 +116,13 @@ async def letters_json(
 
 
 @api.get("/dead-letters/{letter_id}")
-async def letter_json(letter_id: str, _: Admin, service: Service, db: Conn) -> LetterDetailOut:
+async def letter_json(letter_id: str, _: Operator, service: Service, db: Conn) -> LetterDetailOut:
     """One dead letter: its original record, its error history and its replays."""
     return await data.letter(service, db, letter_id)
 
 
 @api.post("/dead-letters/replay")
-async def replay_json(body: ReplayIn, request: Request, user: Admin, service: Service) -> ReplayOut:
+async def replay_json(body: ReplayIn, request: Request, user: Operator, service: Service) -> ReplayOut:
     """Replay a selection (`ids`) or a `filter`. A dry run (the default) previews; sending needs
     the CSRF token, and every replay is recorded with who and when."""
     if not body.dry_run:
@@ -131,13 +131,13 @@ async def replay_json(body: ReplayIn, request: Request, user: Admin, service: Se
 
 
 @api.get("/replays")
-async def replays_json(_: Admin, db: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> ReplaysOut:
+async def replays_json(_: Operator, db: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> ReplaysOut:
     """The replay audit: who replayed which dead letter, when (newest first)."""
     return ReplaysOut(items=await data.replay_events(db, limit))
 
 
 @api.get("/tenants")
-async def tenants_json(_: Admin, service: Service, db: Conn) -> TenantsOut:
+async def tenants_json(_: Operator, service: Service, db: Conn) -> TenantsOut:
     """Every company: volume, last webhook, rate limit, breaker, and whether it has gone silent."""
     return await data.tenants(service, db)
 

@@ -9,7 +9,7 @@ from tests.api.world import World, auth, login
 from tests.support import CortexxProcess, wait_until
 
 
-async def _admin(db: asyncpg.Connection, world: World) -> None:
+async def _make_operator(db: asyncpg.Connection, world: World) -> None:
     await db.execute("UPDATE users SET role = 'operator' WHERE id = $1", world.x.agent.id)
 
 
@@ -39,10 +39,10 @@ async def test_agents_and_company_admins_get_403_and_strangers_401(
     assert replay.status_code == 403
 
 
-async def test_admin_sees_live_overview_and_every_json_view(
+async def test_operator_sees_live_overview_and_every_json_view(
     client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
 ):
-    await _admin(db, world)
+    await _make_operator(db, world)
     cookie = await login(client, ops_api, world.x.agent)
 
     async def scraped():
@@ -87,7 +87,7 @@ async def test_admin_sees_live_overview_and_every_json_view(
 async def test_a_replay_that_sends_needs_the_csrf_token(
     client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
 ):
-    await _admin(db, world)
+    await _make_operator(db, world)
     cookie = await login(client, ops_api, world.x.agent)
     url = f"{ops_api.url}/api/v1/ops/dead-letters/replay"
     body = {"filter": {"tenant": "nobody"}, "dry_run": False}
