@@ -160,7 +160,14 @@ RETURNING id
 """
 
 
-def _ts(value: Any) -> datetime:
+# The instants a datetime holds on every platform, with a day to spare at each end. Outside
+# them a timestamp is poison on both write paths alike: the batch path hands Postgres the epoch
+# itself (`to_timestamp`), and must refuse exactly what `datetime.fromtimestamp` would.
+_EPOCH_MIN = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_EPOCH_MAX = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+def _epoch(value: Any) -> float:
     """Meta timestamps: unix seconds (WhatsApp, as a string) or milliseconds (Messenger)."""
     try:
         number = float(value)
@@ -168,12 +175,14 @@ def _ts(value: Any) -> datetime:
         raise PoisonRecord(f"bad timestamp {value!r}") from exc
     if number > 1e11:  # milliseconds
         number /= 1000
-    try:
-        return datetime.fromtimestamp(number, tz=UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        # Out of range or NaN. OSError here is EOVERFLOW from the C library, not an outage:
-        # left as it is, it would be retried as one forever and stall the partition.
-        raise PoisonRecord(f"timestamp out of range {value!r}") from exc
+    # NaN fails both comparisons. Poison, not an outage: retried, it would stall the partition.
+    if not _EPOCH_MIN <= number <= _EPOCH_MAX:
+        raise PoisonRecord(f"timestamp out of range {value!r}")
+    return number
+
+
+def _ts(value: Any) -> datetime:
+    return datetime.fromtimestamp(_epoch(value), tz=UTC)
 
 
 def _clip(text: Any) -> str | None:
