@@ -11,7 +11,7 @@ nothing is acknowledged meanwhile.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 from prometheus_client import Counter
@@ -32,9 +32,9 @@ PROCESSED = Counter("cortexx_worker_records_total", "meta.webhooks records handl
 DB_RETRIES = Counter("cortexx_worker_db_retries_total", "Batches retried on a database outage")
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """What the agent hands over: a record as it came off the topic."""
+class RawRecord(NamedTuple):
+    """What the agent hands over: a record as it came off the topic. A NamedTuple: immutable,
+    and made per record for a tenth of a frozen dataclass's cost."""
 
     topic: str
     partition: int

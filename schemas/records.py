@@ -21,7 +21,9 @@ class RecordError(ValueError):
     """A topic record that cannot be decoded into its schema."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass is built through object.__setattr__ per field, 2.2 µs for this
+# one against 0.2, and ingest and the worker each build one per record. Treat it as immutable.
+@dataclass(slots=True)
 class WebhookRecord:
     tenant: str
     object: str
@@ -56,17 +58,20 @@ class WebhookRecord:
         if version != WEBHOOK_RECORD_VERSION:
             raise RecordError(f"unsupported webhook record version {version!r}")
         try:
+            payload = doc["payload"]
+            if type(payload) is not dict:
+                payload = dict(payload)
             return cls(
-                tenant=str(doc["tenant"]),
-                object=str(doc["object"]),
-                entry_id=str(doc["entry_id"]),
-                entry_time=doc.get("entry_time"),
-                kind=doc["kind"],
-                field=str(doc["field"]),
-                payload=dict(doc["payload"]),
-                request_id=str(doc["request_id"]),
-                received_at_ms=int(doc["received_at_ms"]),
-                seq=int(doc["seq"]),
+                str(doc["tenant"]),
+                str(doc["object"]),
+                str(doc["entry_id"]),
+                doc.get("entry_time"),
+                doc["kind"],
+                str(doc["field"]),
+                payload,
+                str(doc["request_id"]),
+                int(doc["received_at_ms"]),
+                int(doc["seq"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError(f"malformed webhook record: {exc!r}") from exc
