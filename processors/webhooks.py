@@ -28,6 +28,14 @@ from schemas.records import RecordError, WebhookRecord
 
 log = get_logger("processors.webhooks")
 
+# The webhook writer's connections plan no sequential scans. Every statement it runs, and every
+# foreign-key check Postgres runs for it, looks rows up by key; but a foreign-key check's plan is
+# made once per connection and kept, and one made while the referenced table was nearly empty
+# (a fresh deployment, or an autovacuum ANALYZE just then) is a sequential scan, which then ran
+# once per inserted row as `messages` grew: 990 µs of Postgres CPU per record instead of 60 until
+# the next ANALYZE (caught with perf in the worker benchmark; BENCHMARKS.md).
+WRITER_SERVER_SETTINGS = {"enable_seqscan": "off"}
+
 PROCESSED = Counter("cortexx_worker_records_total", "meta.webhooks records handled", ["outcome"])
 DB_RETRIES = Counter("cortexx_worker_db_retries_total", "Batches retried on a database outage")
 
