@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -59,6 +60,8 @@ def create_app(
         "broker_commit_interval": 1.0,
         "web_enabled": False,
         "worker_redirect_stdouts": False,
+        # Faust's table directory, under the benchmark's own data dir (the default is the cwd).
+        "datadir": os.path.join(os.environ.get("CORTEXX_DATA_DIR", tempfile.gettempdir()), f"faust-{group}"),
     }
     settings.update(extra)
     app = faust.App(group, **settings)
