@@ -172,6 +172,7 @@ class Run:
     rate: float = 0.0
     cpu_s: float = 0.0
     pg_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
     batches: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
@@ -186,6 +187,7 @@ class Run:
             "rate": round(self.rate, 1),
             "cpu_s": round(self.cpu_s, 2),
             "pg_cpu_s": round(self.pg_cpu_s, 2),
+            "broker_cpu_s": round(self.broker_cpu_s, 2),
             "batches": self.batches,
             "stalled": self.stalled,
             "rows": self.rows,
@@ -245,10 +247,14 @@ def measure(
     stall_s: float = 10.0,
     profile_dir: Path | None = None,
     feed: Callable[[list[Child]], None] | None = None,
+    broker: EmbeddedBroker | None = None,
 ) -> Run:
     """Start the children, wait until they handled `expect` records, stop them; fill in `run`.
-    With `feed`, the children start on an empty topic and `feed(children)` gives them the load."""
+    With `feed`, the children start on an empty topic and `feed(children)` gives them the load
+    (from `broker`, when it is not the services' own)."""
+    broker = broker or svc.broker
     pg_before = svc.postgres_cpu_s()
+    broker_before = _broker_cpu_s(broker)
     spies: list[Profile] = []
     try:
         for child in children:
@@ -296,6 +302,7 @@ def measure(
             spy.stop()
         run.cpu_s = sum(tree_cpu_s(c.pid) for c in children) - (cpu_first or 0.0)
         run.pg_cpu_s = svc.postgres_cpu_s() - pg_before
+        run.broker_cpu_s = _broker_cpu_s(broker) - broker_before
     finally:
         for spy in spies:
             spy.stop()
@@ -311,6 +318,11 @@ def measure(
         keep_profile(spies[0].out, f"worker-{run.name.removeprefix('profile: ')}")
         run.profile = summarize_profile(spies[0].out)
     return run
+
+
+def _broker_cpu_s(broker: EmbeddedBroker) -> float:
+    # The producing of a "joined before the load" backlog counts too: Tansu's cost of a record.
+    return tree_cpu_s(broker.proc.pid) if broker.proc is not None else 0.0
 
 
 async def _sql(url: str, query: str) -> dict[str, int]:
@@ -420,7 +432,9 @@ def run(
                     asyncio.run(produce(broker.bootstrap, backlog))
 
                 kind = "worker" if bare_args is None else "bare"
-                result = measure(svc, Run(name, kind), children, records, timeout_s=timeout_s, feed=feed)
+                result = measure(
+                    svc, Run(name, kind), children, records, timeout_s=timeout_s, feed=feed, broker=broker
+                )
             finally:
                 broker.stop()
             if bare_args is None:
@@ -529,6 +543,22 @@ def run(
 def _scaling_report(runs: list[Run]) -> dict[str, float]:
     """x2 / x1 of the worker against x2 / x1 of bare Faust: what the machine allows."""
     by = {r.name: r for r in runs}
+    live = [by[name] for name in (LIVE_BARE_X1, LIVE_BARE_X2, LIVE_X1, LIVE_X2)]
+    print_table(
+        "joined before the load: CPU per record of each party (2 cores in all)",
+        ["consumer", "records/s", "proc µs/rec", "PG µs/rec", "broker µs/rec", "cores busy"],
+        [
+            (
+                r.name,
+                r.rate,
+                1e6 * r.cpu_s / max(1, r.records),
+                1e6 * r.pg_cpu_s / max(1, r.records),
+                1e6 * r.broker_cpu_s / max(1, r.records),
+                (r.cpu_s + r.pg_cpu_s + r.broker_cpu_s) / r.seconds if r.seconds else 0.0,
+            )
+            for r in live
+        ],
+    )
     figures = {
         "bare_x2_vs_x1": round(by[LIVE_BARE_X2].rate / by[LIVE_BARE_X1].rate, 3),
         "worker_x2_vs_x1": round(by[LIVE_X2].rate / by[LIVE_X1].rate, 3),
@@ -554,6 +584,7 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
                 r.seconds,
                 1e6 * r.cpu_s / max(1, r.records),
                 1e6 * r.pg_cpu_s / max(1, r.records),
+                1e6 * r.broker_cpu_s / max(1, r.records),
                 r.rows.get("messages"),
                 r.rows.get("notifications"),
                 f"{r.records:,}" + (" (stalled)" if r.stalled else ""),
@@ -568,6 +599,7 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
             "seconds",
             "CPU µs/rec (proc)",
             "CPU µs/rec (PG)",
+            "CPU µs/rec (broker)",
             "messages",
             "notif.",
             "handled",
