@@ -258,3 +258,72 @@ def test_worker_stops_by_its_deadline_when_postgres_and_the_broker_are_gone(
     assert code in (0, 124), worker.log_tail()
     assert took < 5 + 10, took
     record("worker SIGTERM with Postgres and the broker gone", exit_code=code, seconds_to_exit=round(took, 1))
+
+
+async def test_broker_restarted_empty_worker_rejoins_and_stores_what_follows(
+    tmp_path: Path, services: ServiceUrls, db: asyncpg.Connection, tenant: Tenant
+) -> None:
+    """The embedded broker keeps nothing across a restart: its topics, the worker's consumer group
+    and its committed offsets are gone. Ingest declares the topics again on its next produce; the
+    worker must find them, rejoin and store what is sent from then on, without a restart of its
+    own. (What the broker held when it stopped is lost with it: durability across a broker crash
+    belongs to a real Kafka.)"""
+    broker = EmbeddedBroker(tmp_path / "broker")
+    broker.start()
+    own = ServiceUrls(
+        database_url=services.database_url,
+        kafka_bootstrap=broker.bootstrap,
+        broker=broker,
+        data_dir=tmp_path,
+        wuzapi_url=services.wuzapi_url,
+    )
+    ingest = CortexxProcess.ingest(own, produce_timeout_s=1.0)
+    worker = CortexxProcess.worker(own, worker_app_id=f"restart-{tenant.slug}")
+    ingest.start()
+    worker.start()
+    try:
+        before = await run_load(ingest.url, tenant, concurrency=4, total=100)
+        assert before.codes == {200: 100}
+        await wait_until(lambda: _all_stored(db, tenant, 100), timeout_s=60, what="first 100 stored")
+
+        broker.stop()
+        broker.start()  # same port, empty
+
+        async def back() -> bool:
+            return (await run_load(ingest.url, tenant, concurrency=1, total=1, retries=0)).codes[200] == 1
+
+        await wait_until(back, timeout_s=30, interval_s=0.5, what="ingest answering 200 again")
+        after = await run_load(ingest.url, tenant, concurrency=4, total=100)
+        assert after.codes == {200: 100}
+        accepted = set(after.accepted.values())
+        started = time.monotonic()
+        await wait_until(
+            lambda: _has_all(db, tenant, accepted),
+            timeout_s=120,
+            interval_s=0.5,
+            what="the webhooks sent after the restart stored",
+        )
+        took = time.monotonic() - started
+        figures = await _check_exactly_once(db, tenant, set(before.accepted.values()) | accepted)
+        assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+        record(
+            "broker restarted empty under a running worker",
+            acknowledged_after_restart=len(accepted),
+            stored_after_restart=len(accepted),
+            seconds_to_store_them=round(took, 1),
+            **figures,
+        )
+    finally:
+        worker.stop()
+        ingest.stop()
+        broker.stop()
+
+
+async def _has_all(db: asyncpg.Connection, tenant: Tenant, wamids: set[str]) -> bool:
+    found = await db.fetchval(
+        "SELECT count(*) FROM messages WHERE company_id = $1 AND external_id = ANY($2::text[])",
+        tenant.id,
+        list(wamids),
+    )
+    return int(found) == len(wamids)
