@@ -168,6 +168,7 @@ class Run:
     name: str
     kind: str  # "bare" | "worker" | "hand"
     records: int = 0
+    measured: int = 0  # the records of the timed window (those after the feed, in a fed run)
     seconds: float = 0.0
     rate: float = 0.0
     cpu_s: float = 0.0
@@ -183,6 +184,7 @@ class Run:
             "name": self.name,
             "kind": self.kind,
             "records": self.records,
+            "measured": self.measured,
             "seconds": round(self.seconds, 2),
             "rate": round(self.rate, 1),
             "cpu_s": round(self.cpu_s, 2),
@@ -251,20 +253,28 @@ def measure(
 ) -> Run:
     """Start the children, wait until they handled `expect` records, stop them; fill in `run`.
     With `feed`, the children start on an empty topic and `feed(children)` gives them the load
-    (from `broker`, when it is not the services' own)."""
+    (from `broker`, when it is not the services' own); the run is then measured from the end of
+    the feed, when the consumers have the machine to themselves as in a run on a backlog (while
+    the benchmark produces, it and the broker take CPU from them, more of a pair's short run
+    than of a single consumer's)."""
     broker = broker or svc.broker
     pg_before = svc.postgres_cpu_s()
     broker_before = _broker_cpu_s(broker)
     spies: list[Profile] = []
+    fed_at: float | None = None
+    cpu_first: float | None = None
     try:
         for child in children:
             child.start()
         if feed is not None:
             feed(children)
+            fed_at = time.time()
+            cpu_first = sum(tree_cpu_s(c.pid) for c in children)
+            pg_before = svc.postgres_cpu_s()
+            broker_before = _broker_cpu_s(broker)
         deadline = time.monotonic() + timeout_s
         done = last_done = 0
         last_progress = time.monotonic()
-        cpu_first: float | None = None
         with _progress() as progress:
             task = progress.add_task(run.name, total=expect)
             while True:
@@ -310,10 +320,17 @@ def measure(
             child.stop()
     batches = sorted(b for child in children for b in _batches(child))
     run.batches = len(batches)
-    run.records = sum(n for _, n in batches)
+    run.records = run.measured = sum(n for _, n in batches)
+    if fed_at is not None:
+        after = [b for b in batches if b[0] >= fed_at]
+        if len(after) >= 2 and sum(n for _, n in after) >= 0.2 * run.records:
+            batches = after
+            run.measured = sum(n for _, n in after)
+        else:
+            console.print(f"[yellow]{run.name}: little left after the feed; measured from its start[/]")
     if len(batches) >= 2:
         run.seconds = batches[-1][0] - batches[0][0]
-        run.rate = (run.records - batches[0][1]) / run.seconds if run.seconds > 0 else 0.0
+        run.rate = (run.measured - batches[0][1]) / run.seconds if run.seconds > 0 else 0.0
     if spies:
         keep_profile(spies[0].out, f"worker-{run.name.removeprefix('profile: ')}")
         run.profile = summarize_profile(spies[0].out)
@@ -551,9 +568,9 @@ def _scaling_report(runs: list[Run]) -> dict[str, float]:
             (
                 r.name,
                 r.rate,
-                1e6 * r.cpu_s / max(1, r.records),
-                1e6 * r.pg_cpu_s / max(1, r.records),
-                1e6 * r.broker_cpu_s / max(1, r.records),
+                1e6 * r.cpu_s / max(1, r.measured),
+                1e6 * r.pg_cpu_s / max(1, r.measured),
+                1e6 * r.broker_cpu_s / max(1, r.measured),
                 (r.cpu_s + r.pg_cpu_s + r.broker_cpu_s) / r.seconds if r.seconds else 0.0,
             )
             for r in live
@@ -582,9 +599,9 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
                 r.rate,
                 r.rate / bare.rate if bare.rate else 0.0,
                 r.seconds,
-                1e6 * r.cpu_s / max(1, r.records),
-                1e6 * r.pg_cpu_s / max(1, r.records),
-                1e6 * r.broker_cpu_s / max(1, r.records),
+                1e6 * r.cpu_s / max(1, r.measured),
+                1e6 * r.pg_cpu_s / max(1, r.measured),
+                1e6 * r.broker_cpu_s / max(1, r.measured),
                 r.rows.get("messages"),
                 r.rows.get("notifications"),
                 f"{r.records:,}" + (" (stalled)" if r.stalled else ""),
