@@ -10,7 +10,6 @@ handshake, /health, /metrics, the JSON 404 and 405 answers, the lifespan) goes t
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import hmac
 import time
@@ -28,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from infra.db import create_pool
+from infra.heap import tune_gc
 from infra.kafka import BrokerUnavailable, DurableProducer
 from infra.logging import get_logger
 from infra.settings import Settings
@@ -106,20 +106,6 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def tune_gc() -> None:
-    """Keep the cyclic collector off the hot path of batched POSTs.
-
-    A 100-change POST parses into thousands of dicts and lists that all live until the broker
-    acknowledges; at the default gen-0 threshold (700) the collector traverses them again and
-    again, and each full collection walks every object imported at start (~100,000): measured,
-    40% of the CPU of a 100-change POST. Start-up objects are frozen out of collection, and
-    young collections run every 10,000 allocations instead of 700.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 class IngestService:

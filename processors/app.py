@@ -18,6 +18,7 @@ from faust.types import EventT
 from prometheus_client import start_http_server
 
 from infra.db import create_pool
+from infra.heap import tune_gc
 from infra.kafka import DurableProducer
 from infra.lifecycle import lifecycle
 from infra.logging import get_logger
@@ -271,6 +272,7 @@ def run_worker(settings: Settings) -> int:
     app = create_app(settings)
     worker = _Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
     worker.spinner = None  # no terminal escapes in a JSON log
+    tune_gc()
 
     def stop(reason: str) -> None:
         # Faust's own shutdown: stop the agents, commit acknowledged offsets, close the consumer.
