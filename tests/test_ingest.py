@@ -40,7 +40,10 @@ async def client():
 async def _request_ids_on_topic(services: ServiceUrls) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in await read_topic(services.kafka_bootstrap, META_WEBHOOKS):
-        request_id = orjson.loads(record.value)["request_id"]
+        try:
+            request_id = orjson.loads(record.value)["request_id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # the worker's tests put poison records on the same topic
         counts[request_id] = counts.get(request_id, 0) + 1
     return counts
 
