@@ -147,10 +147,10 @@ def create_app(settings: Settings) -> faust.App:
                 last_offset=batch[-1].offset,
             )
 
-        # With overlap, Faust gathers and decodes the next batch while Postgres writes this one
-        # (the database's time would otherwise stall the agent). Still one batch written at a
-        # time, in order, and acknowledged after its commit: order per key and at-least-once
-        # are as without.
+        # With overlap (a setting, off by default), the agent takes the next batch while Postgres
+        # writes this one; without, Faust's fetcher still fills the stream's buffer meanwhile.
+        # Either way one batch is written at a time, in order, and acknowledged after its
+        # commit: order per key and at-least-once are the same.
         writing: asyncio.Task[None] | None = None
         try:
             # noack_take is faust-streaming's; its StreamT protocol does not declare it.
