@@ -4,6 +4,7 @@ Afterwards every message is in Postgres exactly once and no auto-reply was sent 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -270,13 +271,7 @@ async def test_broker_restarted_empty_worker_rejoins_and_stores_what_follows(
     belongs to a real Kafka.)"""
     broker = EmbeddedBroker(tmp_path / "broker")
     broker.start()
-    own = ServiceUrls(
-        database_url=services.database_url,
-        kafka_bootstrap=broker.bootstrap,
-        broker=broker,
-        data_dir=tmp_path,
-        wuzapi_url=services.wuzapi_url,
-    )
+    own = dataclasses.replace(services, kafka_bootstrap=broker.bootstrap, broker=broker, data_dir=tmp_path)
     ingest = CortexxProcess.ingest(own, produce_timeout_s=1.0)
     worker = CortexxProcess.worker(own, worker_app_id=f"restart-{tenant.slug}")
     ingest.start()
