@@ -234,13 +234,15 @@ def event_key(obj: str, entry_id: str, field: str, payload: Any) -> str:
     ).hexdigest()
 
 
-def profile_names(value: dict[str, Any]) -> dict[str, Any]:
-    """A WhatsApp change's contacts: wa_id -> profile name (None where not given)."""
-    return {
-        str(c.get("wa_id")): (c.get("profile") or {}).get("name")
-        for c in value.get("contacts") or ()
-        if isinstance(c, dict)
-    }
+def profile_names(value: dict[str, Any]) -> dict[str, str | None]:
+    """A WhatsApp change's contacts: wa_id -> profile name (None where not given, or where the
+    "name" is not a string: both write paths then store the message without it)."""
+    names: dict[str, str | None] = {}
+    for c in value.get("contacts") or ():
+        if isinstance(c, dict):
+            name = (c.get("profile") or {}).get("name")
+            names[str(c.get("wa_id"))] = name if isinstance(name, str) else None
+    return names
 
 
 class MessagingMessage(NamedTuple):

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from infra.meta_samples import build_plan, messenger_envelope, wa_change, wa_envelope, wa_status
+from infra.meta_samples import build_plan, messenger_envelope, wa_change, wa_envelope, wa_message, wa_status
 from infra.tenants import Tenant, upsert_tenant
 from ingest.envelope import split_envelope
 from processors.autoreply import CompanyCache
@@ -135,9 +135,18 @@ def _envelopes() -> list[dict[str, Any]]:
     known = wa_status(
         "delivered", wamid="wamid.sent-before-us", recipient_id="4915774900009", timestamp=1_700_000_600
     )
+    # A profile "name" that is not a string: not a name; the message is stored all the same.
+    odd_name = wa_change(
+        phone_number_id="1",
+        display_phone_number="2",
+        messages=[wa_message("text", wamid="wamid.odd-name", from_="4915774900010", timestamp=1_700_000_700)],
+        contacts=[("4915774900010", "placeholder")],
+    )
+    odd_name["value"]["contacts"][0]["profile"]["name"] = 5
     envelopes.append(
         wa_envelope(
             [
+                odd_name,
                 wa_change(phone_number_id="1", display_phone_number="2", statuses=[status]),
                 wa_change(phone_number_id="1", display_phone_number="2", statuses=[known]),
                 {"field": "messages", "value": {"messaging_product": "whatsapp", "errors": [{"code": 1}]}},
@@ -199,6 +208,7 @@ async def test_batch_path_leaves_the_rows_of_the_per_record_path(db: asyncpg.Con
     assert {kind for _, kind, *_ in expected["auto_replies"]} == {"welcome", "away"}
     assert sorted(set(replies["batched"])) == sorted(set(replies["one"]))
     assert len(expected["messages"]) > 50 and len(expected["notifications"]) > 50
+    assert ("4915774900010", "whatsapp", None) in expected["contacts"]
 
 
 async def test_a_batch_with_a_poison_record_raises_and_writes_nothing(db: asyncpg.Connection) -> None:
