@@ -28,12 +28,11 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from infra.db import create_pool
 from infra.topics import META_WEBHOOKS
 from processors.autoreply import CompanyCache
 from processors.batch_store import BatchStore
 from processors.store import Store
-from processors.webhooks import WRITER_SERVER_SETTINGS
+from processors.webhooks import create_writer_pool
 from schemas.records import WebhookRecord
 
 WRITERS = ("store", "sets")
@@ -64,7 +63,7 @@ async def run(
         heartbeat_interval_ms=2000,
     )
     await consumer.start()
-    pool = await create_pool(database_url, min_size=2, max_size=4, server_settings=WRITER_SERVER_SETTINGS)
+    pool = await create_writer_pool(database_url, min_size=2, max_size=4)
     companies = CompanyCache(30.0)
 
     async def write(records: list[WebhookRecord], offsets: dict[TopicPartition, int]) -> None:

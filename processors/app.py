@@ -26,7 +26,7 @@ from infra.settings import Settings
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
 from processors.deadletter import DeadLetterWriter
 from processors.outbound import OutboundSender, TenantLanes
-from processors.webhooks import WRITER_SERVER_SETTINGS, RawRecord, WebhookWriter
+from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
 from processors.wuzapi import WuzapiClient
 from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
@@ -113,12 +113,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(webhooks_topic, name="webhooks")
     async def webhooks(stream: faust.StreamT[Any]) -> None:
         assert settings.database_url
-        pool = await create_pool(
-            settings.database_url,
-            min_size=1,
-            max_size=settings.db_pool_max,
-            server_settings=WRITER_SERVER_SETTINGS,
-        )
+        pool = await create_writer_pool(settings.database_url, max_size=settings.db_pool_max)
 
         async def dead_letter(letter: DeadLetter) -> None:
             await dead_letters.write(META_WEBHOOKS_DLQ, letter)

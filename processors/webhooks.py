@@ -17,6 +17,7 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
+from infra.db import create_pool
 from infra.logging import get_logger
 from processors.autoreply import CompanyCache
 from processors.batch_store import BatchStore
@@ -35,6 +36,14 @@ log = get_logger("processors.webhooks")
 # once per inserted row as `messages` grew: 990 µs of Postgres CPU per record instead of 60 until
 # the next ANALYZE (caught with perf in the worker benchmark; BENCHMARKS.md).
 WRITER_SERVER_SETTINGS = {"enable_seqscan": "off"}
+
+
+async def create_writer_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """The pool the webhook writer writes through (tests/test_writer_plans.py checks its plans)."""
+    return await create_pool(
+        url, min_size=min_size, max_size=max_size, server_settings=WRITER_SERVER_SETTINGS
+    )
+
 
 PROCESSED = Counter("cortexx_worker_records_total", "meta.webhooks records handled", ["outcome"])
 DB_RETRIES = Counter("cortexx_worker_db_retries_total", "Batches retried on a database outage")
