@@ -209,7 +209,7 @@ class BatchStore:
         statuses: list[_Status] = []
         events: dict[tuple[int, str], dict[str, Any]] = {}
         fallback: list[WebhookRecord] = []
-        company_of: dict[str, Company] = {}
+        company_of: dict[str, Company] = {}  # one (awaited) cache lookup per tenant, not per record
         try:
             for record in records:
                 company = company_of.get(record.tenant)
