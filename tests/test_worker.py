@@ -163,6 +163,34 @@ async def test_redelivered_webhook_gives_one_message_and_one_notification(
     assert await db.fetchval("SELECT unread_count FROM conversations WHERE company_id = $1", tenant.id) == 2
 
 
+async def test_removing_an_agent_or_a_company_takes_their_notifications(
+    client, ingest, db, tenant: Tenant, agent_user: int
+):
+    colleague = await db.fetchval(
+        "INSERT INTO users (company_id, email, name) VALUES ($1, $2, 'Colleague') RETURNING id",
+        tenant.id,
+        f"colleague-{uuid.uuid4().hex[:8]}@{tenant.slug}.test",
+    )
+    sender = "4915550003333"
+    await _post(
+        client,
+        ingest,
+        tenant,
+        _wa([wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)], contacts=[(sender, "Ida")]),
+    )
+    await wait_until(lambda: _complete(db, tenant, 1), what="the message")
+    notified = "SELECT user_id, count(*) FROM notifications WHERE company_id = $1 GROUP BY 1"
+    assert dict(await db.fetch(notified, tenant.id)) == {agent_user: 1, colleague: 1}
+
+    await db.execute("DELETE FROM users WHERE id = $1", agent_user)
+    assert dict(await db.fetch(notified, tenant.id)) == {colleague: 1}
+
+    # The company goes with everything it had: nothing refuses, nothing is left behind.
+    await db.execute("DELETE FROM companies WHERE id = $1", tenant.id)
+    assert await db.fetch(notified, tenant.id) == []
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE company_id = $1", tenant.id) == 0
+
+
 async def test_shuffled_statuses_end_at_the_highest(client, ingest, db, tenant: Tenant):
     recipient = "4915550002222"
     read_id, failed_id = _wamid(), _wamid()
