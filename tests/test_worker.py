@@ -172,12 +172,8 @@ async def test_removing_an_agent_or_a_company_takes_their_notifications(
         f"colleague-{uuid.uuid4().hex[:8]}@{tenant.slug}.test",
     )
     sender = "4915550003333"
-    await _post(
-        client,
-        ingest,
-        tenant,
-        _wa([wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)], contacts=[(sender, "Ida")]),
-    )
+    message = wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)
+    await _post(client, ingest, tenant, _wa([message], contacts=[(sender, "Ida")]))
     await wait_until(lambda: _complete(db, tenant, 1), what="the message")
     notified = "SELECT user_id, count(*) FROM notifications WHERE company_id = $1 GROUP BY 1"
     assert dict(await db.fetch(notified, tenant.id)) == {agent_user: 1, colleague: 1}
