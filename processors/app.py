@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import faust
@@ -128,7 +129,9 @@ def create_app(settings: Settings) -> faust.App:
 
         async def store(events: list[EventT[Any]]) -> None:
             batch = [_raw(event) for event in events]
+            started = time.perf_counter()
             stats = await writer.write(batch)
+            write_ms = 1000 * (time.perf_counter() - started)
             for event in events:
                 await stream.ack(event)
             log.info(
@@ -140,6 +143,7 @@ def create_app(settings: Settings) -> faust.App:
                 notifications=stats.notifications,
                 partitions=sorted({r.partition for r in batch}),
                 last_offset=batch[-1].offset,
+                write_ms=round(write_ms, 1),  # the agent's wait: Postgres, retries included
             )
 
         # With overlap (a setting, off by default), the agent takes the next batch while Postgres
