@@ -365,9 +365,11 @@ def run(
     profile_only: bool = False,
     scaling_only: bool = False,
     rounds: int = 1,
+    worker_settings: dict[str, str] | None = None,
     timeout_s: float = 900.0,
 ) -> dict[str, Any]:
     profile = profile or profile_only
+    worker_settings = worker_settings or {}
     with services("worker") as svc:
         for slug in TENANTS:
             asyncio.run(add_tenant(svc.database_url, slug, agents=2))
@@ -409,7 +411,12 @@ def run(
             asyncio.run(_sql(svc.database_url, TRUNCATE))
             g = group("worker")
             children = [
-                Child.cortexx(f"worker-{n}-{i}", ["worker"], svc.env(worker_app_id=g, **settings), log_dir)
+                Child.cortexx(
+                    f"worker-{n}-{i}",
+                    ["worker"],
+                    svc.env(worker_app_id=g, **{**worker_settings, **settings}),
+                    log_dir,
+                )
                 for i in range(count)
             ]
             result = measure(
@@ -435,7 +442,7 @@ def run(
             try:
                 asyncio.run(declare_topics(broker.bootstrap, partitions=PARTITIONS, replication=1))
                 g = group("live")
-                env = svc.env(worker_app_id=g, kafka_bootstrap=broker.bootstrap)
+                env = svc.env(worker_app_id=g, kafka_bootstrap=broker.bootstrap, **worker_settings)
                 if bare_args is None:
                     children = [
                         Child.cortexx(f"live-{n}-{i}", ["worker"], env, log_dir) for i in range(count)
@@ -701,6 +708,13 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
     return result
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -720,6 +734,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="with --scaling-only: repeat it, report the median"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="NAME=VALUE",
+        help="a worker setting for every cortexx worker run, e.g. worker_overlap_writes=true",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
     args = parser.parse_args(argv)
     run(
@@ -730,6 +752,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_only=args.profile_only,
         scaling_only=args.scaling_only,
         rounds=args.rounds,
+        worker_settings=dict(args.setting),
         timeout_s=args.timeout,
     )
 
