@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     # and without the overlap the next take finds a full batch waiting; in three benchmark runs
     # the overlap cost 7-26% of throughput and ~10 µs of CPU per record (BENCHMARKS.md).
     worker_overlap_writes: bool = False
+    # Faust's per-stream buffer; at 80% of it Faust stops fetching the partition (flow control).
+    worker_stream_buffer_max: int = Field(default=4096, ge=1)
     worker_event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     worker_web_port: int = 6066
     worker_session_timeout_s: float = Field(default=6.0, gt=0)

@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=max(1.0, settings.worker_session_timeout_s / 3),
         broker_commit_every=settings.worker_batch_max,
         broker_commit_interval=1.0,
+        stream_buffer_maxsize=settings.worker_stream_buffer_max,
         producer_acks=-1,
         web_enabled=False,
         worker_redirect_stdouts=False,
