@@ -708,11 +708,19 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
     return result
 
 
-def _setting(text: str) -> tuple[str, str]:
+def parse_setting(text: str) -> tuple[str, str]:
+    """`worker_batch_max=500` -> ("worker_batch_max", "500"): a worker setting for the runs."""
     name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if not sep or not name.strip():
+        raise ValueError(f"expected NAME=VALUE, got {text!r}")
     return name.strip().lower(), value.strip()
+
+
+def _setting(text: str) -> tuple[str, str]:
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

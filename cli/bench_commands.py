@@ -35,17 +35,31 @@ def register(app: typer.Typer) -> None:
         profile: bool = typer.Option(False, help="Also profile the bare Faust agent and the worker."),
         variants: bool = typer.Option(False, help="Also try Faust settings and two hand-written loops."),
         profile_only: bool = typer.Option(False, help="Only the profiled runs."),
+        scaling_only: bool = typer.Option(
+            False, help="Only x1 / x2, bare Faust and worker, joined before the load."
+        ),
+        rounds: int = typer.Option(1, min=1, help="With --scaling-only: repeat it, report the median."),
+        setting: list[str] = typer.Option(
+            [], help="NAME=VALUE: a worker setting for every worker run, e.g. worker_batch_max=500."
+        ),
         timeout: float = typer.Option(900.0, help="Seconds allowed per run."),
     ) -> None:
         """Worker records/s to Postgres vs a bare Faust agent and a hand-written aiokafka loop."""
-        from bench.worker import run
+        from bench.worker import parse_setting, run
 
+        try:
+            worker_settings = dict(parse_setting(s) for s in setting)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--setting") from None
         run(
             records,
             seed=seed,
             profile=profile,
             variants=variants,
             profile_only=profile_only,
+            scaling_only=scaling_only,
+            rounds=rounds,
+            worker_settings=worker_settings,
             timeout_s=timeout,
         )
 
