@@ -163,7 +163,7 @@ async def test_redelivered_webhook_gives_one_message_and_one_notification(
     assert await db.fetchval("SELECT unread_count FROM conversations WHERE company_id = $1", tenant.id) == 2
 
 
-async def test_removing_an_agent_or_a_company_takes_their_notifications(
+async def test_removing_an_agent_a_message_or_a_company_takes_their_notifications(
     client, ingest, db, tenant: Tenant, agent_user: int
 ):
     colleague = await db.fetchval(
@@ -172,14 +172,27 @@ async def test_removing_an_agent_or_a_company_takes_their_notifications(
         f"colleague-{uuid.uuid4().hex[:8]}@{tenant.slug}.test",
     )
     sender = "4915550003333"
-    message = wa_message("text", wamid=_wamid(), from_=sender, timestamp=1750000000)
-    await _post(client, ingest, tenant, _wa([message], contacts=[(sender, "Ida")]))
-    await wait_until(lambda: _complete(db, tenant, 1), what="the message")
+    first, second = _wamid(), _wamid()
+    messages = [
+        wa_message("text", wamid=first, from_=sender, timestamp=1750000000),
+        wa_message("text", wamid=second, from_=sender, timestamp=1750000001),
+    ]
+    await _post(client, ingest, tenant, _wa(messages, contacts=[(sender, "Ida")]))
+    await wait_until(lambda: _complete(db, tenant, 2), what="both messages")
     notified = "SELECT user_id, count(*) FROM notifications WHERE company_id = $1 GROUP BY 1"
-    assert dict(await db.fetch(notified, tenant.id)) == {agent_user: 1, colleague: 1}
+    assert dict(await db.fetch(notified, tenant.id)) == {agent_user: 2, colleague: 2}
 
     await db.execute("DELETE FROM users WHERE id = $1", agent_user)
-    assert dict(await db.fetch(notified, tenant.id)) == {colleague: 1}
+    assert dict(await db.fetch(notified, tenant.id)) == {colleague: 2}
+
+    await db.execute("DELETE FROM messages WHERE company_id = $1 AND external_id = $2", tenant.id, first)
+    remaining = await db.fetch(
+        "SELECT m.external_id FROM notifications n JOIN messages m ON m.id = n.message_id "
+        "WHERE n.user_id = $1",
+        colleague,
+    )
+    assert [r["external_id"] for r in remaining] == [second]
+    assert dict(await db.fetch(notified, tenant.id)) == {colleague: 1}  # none left dangling
 
     # The company goes with everything it had: nothing refuses, nothing is left behind.
     await db.execute("DELETE FROM companies WHERE id = $1", tenant.id)
