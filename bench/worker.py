@@ -180,6 +180,7 @@ class Run:
     rows: dict[str, int] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
     stalled: bool = False
+    split: str = ""  # meta.webhooks partitions held by each process, e.g. "2+2"
 
     def row(self) -> dict[str, Any]:
         return {
@@ -194,6 +195,7 @@ class Run:
             "broker_cpu_s": round(self.broker_cpu_s, 2),
             "batches": self.batches,
             "stalled": self.stalled,
+            "split": self.split,
             "rows": self.rows,
             "profile": self.profile,
         }
@@ -224,8 +226,9 @@ def _assignments(child: Child) -> set[int] | None:
     return latest
 
 
-def wait_settled(children: list[Child], partitions: int, timeout_s: float = 120.0) -> None:
-    """Until the group has settled: every worker holds partitions, together all, none twice."""
+def wait_settled(children: list[Child], partitions: int, timeout_s: float = 120.0) -> list[set[int]]:
+    """Until the group has settled: every worker holds partitions, together all, none twice.
+    Returns what each holds."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         held = [_assignments(c) for c in children]
@@ -233,7 +236,7 @@ def wait_settled(children: list[Child], partitions: int, timeout_s: float = 120.
         if len(owned) == len(children) and sum(map(len, owned)) == partitions == len(set().union(*owned)):
             time.sleep(1.0)  # a last rebalance may still be under way
             if [_assignments(c) for c in children] == held:
-                return
+                return owned
         for child in children:
             if not child.alive():
                 raise BenchError(f"{child.name} exited:\n{child.log_tail()}")
@@ -454,8 +457,11 @@ def run(
                         for i in range(count)
                     ]
 
+                split = ""
+
                 def feed(started: list[Child]) -> None:
-                    wait_settled(started, PARTITIONS)
+                    nonlocal split
+                    split = "+".join(str(len(h)) for h in wait_settled(started, PARTITIONS))
                     asyncio.run(produce(broker.bootstrap, backlog))
 
                 kind = "worker" if bare_args is None else "bare"
@@ -464,9 +470,10 @@ def run(
                 )
             finally:
                 broker.stop()
+            result.split = split
             if bare_args is None:
                 result.rows = asyncio.run(_sql(svc.database_url, SNAPSHOT))
-            console.print(f"{name}: {result.rate:,.0f} records/s")
+            console.print(f"{name}: {result.rate:,.0f} records/s, partitions {split}")
             return result
 
         take = ["--mode", "take", "--batch", "2000"]
@@ -581,10 +588,11 @@ def _scaling_report(runs: list[Run]) -> dict[str, float]:
     live = [by[name] for name in (LIVE_BARE_X1, LIVE_BARE_X2, LIVE_X1, LIVE_X2)]
     print_table(
         "joined before the load: CPU per record of each party (2 cores in all)",
-        ["consumer", "records/s", "proc µs/rec", "PG µs/rec", "broker µs/rec", "cores busy"],
+        ["consumer", "partitions", "records/s", "proc µs/rec", "PG µs/rec", "broker µs/rec", "cores busy"],
         [
             (
                 r.name,
+                r.split,
                 r.rate,
                 1e6 * r.cpu_s / max(1, r.measured),
                 1e6 * r.pg_cpu_s / max(1, r.measured),

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     worker_overlap_writes: bool = False
     # Faust's per-stream buffer; at 80% of it Faust stops fetching the partition (flow control).
     worker_stream_buffer_max: int = Field(default=4096, ge=1)
+    # How long the broker may hold a fetch that finds no records (Faust's own is 1,500 ms). The
+    # client has one fetch in flight per broker, so while it waits on the idle partitions the
+    # busy ones, once drained, wait behind it (processors/faust_transport.py).
+    worker_fetch_max_wait_ms: int = Field(default=200, ge=1, le=1500)
     worker_event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     worker_web_port: int = 6066
     worker_session_timeout_s: float = Field(default=6.0, gt=0)

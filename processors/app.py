@@ -26,6 +26,7 @@ from infra.logging import get_logger
 from infra.settings import Settings
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
 from processors.deadletter import DeadLetterWriter
+from processors.faust_transport import WorkerApp
 from processors.outbound import OutboundSender, TenantLanes
 from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
 from processors.wuzapi import WuzapiClient
@@ -46,7 +47,7 @@ ON CONFLICT (instance) DO UPDATE
 
 def create_app(settings: Settings) -> faust.App:
     assert settings.database_url and settings.kafka_bootstrap and settings.wuzapi_url
-    app = faust.App(
+    app = WorkerApp(
         settings.worker_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_every=settings.worker_batch_max,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=settings.worker_stream_buffer_max,
+        fetch_max_wait_ms=settings.worker_fetch_max_wait_ms,
         producer_acks=-1,
         web_enabled=False,
         worker_redirect_stdouts=False,

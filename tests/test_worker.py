@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from infra.embedded import EmbeddedBroker
 from infra.meta_samples import (
     MESSAGE_TYPES,
     messenger_envelope,
@@ -24,6 +26,7 @@ from infra.meta_samples import (
 from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ
 from schemas.deadletter import DeadLetter
+from tests.faults.load import run_load
 from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic, wait_until
 
 pytestmark = pytest.mark.usefixtures("ingest", "worker")
@@ -352,3 +355,37 @@ async def test_worker_killed_mid_stream_loses_and_doubles_nothing(
         await db.fetchval("SELECT sum(unread_count) FROM conversations WHERE company_id = $1", tenant.id)
         == 400
     )
+
+
+async def test_a_backlog_through_a_tiny_stream_buffer_lands_once(
+    tmp_path, services: ServiceUrls, db, tenant: Tenant
+):
+    """A worker behind a backlog fetches while its agent writes: its stream buffer fills, Faust
+    holds those partitions back and takes them up again, and its fetches for the idle outbound
+    topic come back early (processors/faust_transport.py). Through a 16-event buffer, 1,500
+    webhooks waiting on four partitions all land, once."""
+    broker = EmbeddedBroker(tmp_path / "broker")
+    broker.start()
+    own = dataclasses.replace(services, kafka_bootstrap=broker.bootstrap, broker=broker, data_dir=tmp_path)
+    ingest = CortexxProcess.ingest(own, produce_timeout_s=2.0)
+    worker = CortexxProcess.worker(own, worker_stream_buffer_max=16, worker_batch_max=50)
+    ingest.start()
+    try:
+        load = await run_load(ingest.url, tenant, concurrency=8, total=1500, contacts=40)
+        assert load.codes == {200: 1500}
+        wamids = set(load.accepted.values())
+        worker.start()
+
+        async def stored() -> list[str] | None:
+            rows = await db.fetch(
+                "SELECT external_id FROM messages WHERE company_id = $1 AND direction = 'inbound'", tenant.id
+            )
+            return [r["external_id"] for r in rows] if len(rows) >= len(wamids) else None
+
+        found = await wait_until(stored, timeout_s=90, interval_s=0.5, what="1,500 messages")
+        assert sorted(found) == sorted(wamids)
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+    finally:
+        worker.stop()
+        ingest.stop()
+        broker.stop()
