@@ -1,4 +1,4 @@
-"""`cortexx bench ingest|worker|read|footprint`: the benchmarks of bench/, one command each.
+"""`cortexx bench ingest|worker|read|footprint|latency`: the benchmarks of bench/, one command each.
 
 Each starts its own embedded Postgres and broker in a temp dir (never the ports of a running
 stack), runs its baselines in the same run, prints a table and appends its results to
@@ -85,3 +85,14 @@ def register(app: typer.Typer) -> None:
         from bench.footprint import run
 
         run(duration, rate=rate)
+
+    @bench_app.command("latency")
+    def bench_latency(
+        samples: int = typer.Option(100, help="Webhooks per block, sent one at a time."),
+        blocks: int = typer.Option(2, help="Alternations of our worker and the baseline."),
+        seed: int = typer.Option(42, help="Seed of the arrival jitter."),
+    ) -> None:
+        """Webhook POST to its message row on a quiet system, vs Faust's own fetch wait."""
+        from bench.latency import run
+
+        run(samples, blocks, seed)
