@@ -5,8 +5,9 @@ records are all consumed. While `meta.webhooks` records are still buffered, that
 the idle `wuzapi.outbound` partitions alone, and Faust has the broker hold a fetch that finds
 nothing for up to 1.5 s (`fetch_max_wait_ms`, which Faust does not expose). The agent drains the
 buffer meanwhile, and then waits for that fetch to come back before the next `meta.webhooks`
-one can leave: the worker benchmark's stalls of 500 to 1,500 ms (BENCHMARKS.md). The worker's
-consumer holds such a fetch for `CORTEXX_WORKER_FETCH_MAX_WAIT_MS` instead.
+one can leave: the worker benchmark's stalls, up to 1.3 s (BENCHMARKS.md, "The stalls, found").
+On a quiet system a new webhook waits for it the same way. The worker's consumer has the broker
+hold such a fetch for `CORTEXX_WORKER_FETCH_MAX_WAIT_MS` instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from faust.types.transports import TransportT
 class PromptConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):  # type: ignore[misc]
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
-        # Read by the consumer's fetcher, which `start()` creates after this.
+        # Read by the consumer's fetcher, which `start()` creates after this. A private field
+        # (aiokafka is pinned): should it go, fail at start rather than wait 1.5 s unnoticed.
+        if not hasattr(consumer, "_fetch_max_wait_ms"):
+            raise RuntimeError("aiokafka's consumer no longer has _fetch_max_wait_ms")
         consumer._fetch_max_wait_ms = cast(WorkerApp, self.app).fetch_max_wait_ms
         return consumer
 
