@@ -76,13 +76,18 @@ end
 """
 
 
+def bench_wamid(seed: int, change: int) -> str:
+    """The id of the message in change `change` of `make_body(_, seed)`."""
+    return f"wamid.bench{seed}x{change}"
+
+
 def make_body(changes: int, seed: int = 7) -> bytes:
     """A WhatsApp envelope of `changes` changes, each one inbound text message from its own contact."""
     rng = random.Random(seed)
     items = []
     for i in range(changes):
         wa_id = f"1555{rng.randrange(10**7):07d}"
-        message = wa_message("text", wamid=f"wamid.bench{seed}x{i}", from_=wa_id, timestamp=1_700_000_000 + i)
+        message = wa_message("text", wamid=bench_wamid(seed, i), from_=wa_id, timestamp=1_700_000_000 + i)
         items.append(
             wa_change(
                 phone_number_id="106540352242922",

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 
 from bench.common import (
     PARTITIONS,
@@ -38,27 +37,16 @@ from bench.common import (
     save_result,
     services,
 )
+from bench.ingest import bench_wamid, make_body
 from bench.worker import wait_settled
 from infra.db import connect
 from infra.embedded import free_port
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.meta_samples import sign
 from infra.tenants import Tenant
 
 SLUG = "bench-latency"
 TARGET_P99_MS = 1000.0
 CONFIGS = {"ours": {}, "faust-default": {"worker_fetch_max_wait_ms": 1500}}
-
-
-def _webhook(n: int) -> tuple[bytes, str]:
-    sender = f"4915{n:08d}"
-    wamid = f"wamid.latency.{n}.{random.getrandbits(48):x}"
-    change = wa_change(
-        phone_number_id="1065",
-        display_phone_number="15550001",
-        contacts=[(sender, "Latency")],
-        messages=[wa_message("text", wamid=wamid, from_=sender, timestamp=1750000000 + n)],
-    )
-    return orjson.dumps(wa_envelope([change], waba_id="1022")), wamid
 
 
 async def _block(
@@ -70,7 +58,7 @@ async def _block(
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             for n in range(first, first + samples):
-                body, wamid = _webhook(n)
+                body, wamid = make_body(1, seed=n), bench_wamid(n, 0)
                 headers = {
                     "X-Hub-Signature-256": sign(body, tenant.app_secret),
                     "Content-Type": "application/json",

@@ -34,7 +34,8 @@ from infra.logging import get_logger
 
 log = get_logger("processors.faust_transport")
 
-# Far above a commit's usual milliseconds, below the rebalance deadline (the session timeout).
+# Far above a commit's usual milliseconds, and far below the rebalance timeout (Faust's 60 s), by
+# which the group would give up on a worker still handing its partitions back.
 COMMIT_TIMEOUT_S = 5.0
 
 
@@ -70,7 +71,8 @@ class PromptTransport(aiokafka_driver.Transport):  # type: ignore[misc]
 
 
 class WorkerApp(faust.App):  # type: ignore[misc]
-    """The worker's Faust app: its consumer's fetches wait `fetch_max_wait_ms` on idle partitions."""
+    """The worker's Faust app, on `PromptConsumer`: fetches that find nothing come back after
+    `fetch_max_wait_ms`, and a commit gives up after `COMMIT_TIMEOUT_S`."""
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
