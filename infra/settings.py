@@ -73,10 +73,12 @@ class Settings(BaseSettings):
     # Worker.
     worker_app_id: str = "cortexx"
     # Bigger transactions cost Postgres less per record (from 500 to 2,000 records: 60 -> 50 µs,
-    # BENCHMARKS.md). A batch closes when full or `within` after it opened: under load the window
-    # is what sizes it, and when traffic is light 250 ms is the most a record waits in it.
+    # BENCHMARKS.md). A batch closes when full, `within` after its first record, or when no
+    # record has arrived for `idle` (processors/faust_stream.py): under load the first two size
+    # it, and on a quiet system a record waits `idle` for company, not the whole window.
     worker_batch_max: int = Field(default=2000, ge=1)
     worker_batch_within_s: float = Field(default=0.25, gt=0)
+    worker_batch_idle_ms: float = Field(default=10.0, gt=0)
     # Take the next batch while Postgres writes this one (still one write at a time, in order).
     # Off by default: Faust keeps fetching and buffering while the agent awaits a write anyway,
     # and without the overlap the next take finds a full batch waiting; in three benchmark runs

@@ -26,6 +26,7 @@ from infra.logging import get_logger
 from infra.settings import Settings
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
 from processors.deadletter import DeadLetterWriter
+from processors.faust_stream import WorkerStream
 from processors.faust_transport import WorkerApp
 from processors.outbound import OutboundSender, TenantLanes
 from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=settings.worker_stream_buffer_max,
         fetch_max_wait_ms=settings.worker_fetch_max_wait_ms,
+        Stream=WorkerStream,
         producer_acks=-1,
         web_enabled=False,
         worker_redirect_stdouts=False,
@@ -155,9 +157,11 @@ def create_app(settings: Settings) -> faust.App:
         # commit: order per key and at-least-once are the same.
         writing: asyncio.Task[None] | None = None
         try:
-            # noack_take is faust-streaming's; its StreamT protocol does not declare it.
-            async for events in stream.noack_take(  # type: ignore[attr-defined]
-                settings.worker_batch_max, within=settings.worker_batch_within_s
+            # The app's stream class is WorkerStream; faust's StreamT protocol does not know it.
+            async for events in stream.noack_batches(  # type: ignore[attr-defined]
+                settings.worker_batch_max,
+                within=settings.worker_batch_within_s,
+                idle=settings.worker_batch_idle_ms / 1000,
             ):
                 if writing is not None:
                     await writing

@@ -390,3 +390,67 @@ async def test_a_backlog_through_a_tiny_stream_buffer_lands_once(
         worker.stop()
         ingest.stop()
         broker.stop()
+
+
+async def test_batches_fill_under_a_backlog_and_a_lone_webhook_does_not_wait_for_the_window(
+    tmp_path, client, services: ServiceUrls, db, tenant: Tenant
+):
+    """A batch closes when full, or when the stream has gone quiet (processors/faust_stream.py),
+    not on a timer: with a 60 s window, a backlog of 1,200 webhooks is written in full batches
+    of 400, and a webhook posted afterwards to an idle worker is stored long before the window
+    would have closed. (How much sooner is `cortexx bench latency`'s job.)"""
+    broker = EmbeddedBroker(tmp_path / "broker")
+    broker.start()
+    own = dataclasses.replace(services, kafka_bootstrap=broker.bootstrap, broker=broker, data_dir=tmp_path)
+    ingest = CortexxProcess.ingest(own, produce_timeout_s=2.0)
+    worker = CortexxProcess.worker(
+        own, worker_batch_max=400, worker_batch_within_s=60, worker_batch_idle_ms=50
+    )
+    ingest.start()
+    try:
+        load = await run_load(ingest.url, tenant, concurrency=8, total=1200, contacts=40)
+        assert load.codes == {200: 1200}
+        worker.start()
+
+        async def inbound() -> int:
+            return int(
+                await db.fetchval(
+                    "SELECT count(*) FROM messages WHERE company_id = $1 AND direction = 'inbound'",
+                    tenant.id,
+                )
+            )
+
+        async def backlog_stored() -> bool:
+            return await inbound() >= 1200
+
+        await wait_until(backlog_stored, timeout_s=90, interval_s=0.5, what="the backlog")
+        batches = [
+            orjson.loads(line)
+            for line in worker.log_path.read_bytes().splitlines()
+            if b'"webhooks.batch_stored"' in line
+        ]
+        assert max(b["records"] for b in batches) == 400, [b["records"] for b in batches]
+        assert sum(b["records"] for b in batches) == 1200
+
+        sender = "4915550009999"
+        wamid = _wamid()
+        await _post(
+            client,
+            ingest,
+            tenant,
+            _wa([wa_message("text", wamid=wamid, from_=sender, timestamp=1750000000)]),
+        )
+
+        async def lone_stored() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT 1 FROM messages WHERE company_id = $1 AND external_id = $2", tenant.id, wamid
+                )
+            )
+
+        await wait_until(lone_stored, timeout_s=20, interval_s=0.1, what="the lone webhook")
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+    finally:
+        worker.stop()
+        ingest.stop()
+        broker.stop()
