@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bench.common import (
     RESULTS_DIR,
+    BenchServices,
     Child,
     add_tenant,
     console,
@@ -127,6 +128,8 @@ async def _drive(
         for _ in range(connections)
     ]
     procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    for proc in procs.values():
+        proc.cpu_percent(None)  # primes the first interval
     samples: list[dict[str, Any]] = []
     started = time.monotonic()
     next_sample = started
@@ -156,11 +159,14 @@ async def _drive(
                 }
                 for name, proc in procs.items():
                     sample[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+                    sample[f"{name}_cpu"] = round(proc.cpu_percent(None))  # % of a core
                 samples.append(sample)
                 bar.update(
                     task,
                     completed=now - started,
-                    description=" ".join(f"{k} {v}" for k, v in sample.items() if k != "t"),
+                    description=" ".join(
+                        f"{k} {v}" for k, v in sample.items() if k != "t" and not k.endswith("_cpu")
+                    ),
                 )
                 next_sample += interval_s
             await asyncio.sleep(0.005)
@@ -184,6 +190,12 @@ def growth_mb(samples: list[dict[str, Any]], key: str, window_s: float) -> float
     return float(slope * (points[-1][0] - points[0][0]))
 
 
+def _broker_pid(svc: BenchServices) -> dict[str, int]:
+    # The embedded broker's CPU is reported beside ours: on memory storage every fetch lists every
+    # batch the partition holds, so its cost grows with what it has kept (BENCHMARKS.md).
+    return {"broker": svc.broker.proc.pid} if svc.broker.proc is not None else {}
+
+
 def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 64) -> dict[str, Any]:
     import uvloop
 
@@ -199,7 +211,7 @@ def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 6
                 _drive(
                     port,
                     tenant,
-                    {"ingest": ingest.pid, "worker": worker.pid},
+                    {"ingest": ingest.pid, "worker": worker.pid, **_broker_pid(svc)},
                     rate=rate,
                     duration_s=duration_s,
                     connections=connections,
@@ -235,10 +247,24 @@ def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 6
         rows,
     )
     report["target_met"] = met
+    first, last = _cpu_means(samples, 60.0, first=True), _cpu_means(samples, 60.0, first=False)
+    report["cpu_first_minute"], report["cpu_last_minute"] = first, last
+    console.print(
+        "CPU, % of a core, first minute -> last minute: "
+        + ", ".join(f"{name} {first[name]:.0f} -> {last[name]:.0f}" for name in first)
+    )
     report["chart"] = str(chart(samples, window))
     path = save_result("footprint", report)
     console.print(f"results appended to {path}; chart {report['chart']}")
     return report
+
+
+def _cpu_means(samples: list[dict[str, Any]], span_s: float, *, first: bool) -> dict[str, float]:
+    """Mean CPU (% of a core) of each process over the first or the last `span_s` seconds."""
+    end = samples[-1]["t"]
+    inside = [s for s in samples[1:] if (s["t"] <= span_s if first else s["t"] >= end - span_s)]
+    names = [k.removesuffix("_cpu") for k in samples[-1] if k.endswith("_cpu")]
+    return {n: round(sum(s[f"{n}_cpu"] for s in inside) / max(1, len(inside)), 1) for n in names}
 
 
 def chart(samples: list[dict[str, Any]], window_s: float, path: Path | None = None) -> Path:
