@@ -1,9 +1,9 @@
 """The Faust app of the stream worker and its agents, `webhooks` and `outbound`.
 
-`webhooks` takes records in batches without automatic acks (`noack_take`); a batch is
-acknowledged only after its rows are committed (or its poison records are on the dead-letter
-topic), so a worker killed mid-batch redelivers it, and the idempotent writes absorb the
-redelivery. `outbound` hands each record to its tenant's lane and acknowledges it once sent or
+`webhooks` takes records in batches without automatic acks (`WorkerStream.noack_batches`); a
+batch is acknowledged only after its rows are committed (or its poison records are on the
+dead-letter topic), so a worker killed mid-batch redelivers it, and the idempotent writes absorb
+the redelivery. `outbound` hands each record to its tenant's lane and acknowledges it once sent or
 dead-lettered.
 """
 
