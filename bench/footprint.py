@@ -191,8 +191,9 @@ def growth_mb(samples: list[dict[str, Any]], key: str, window_s: float) -> float
 
 
 def _broker_pid(svc: BenchServices) -> dict[str, int]:
-    # The embedded broker's CPU is reported beside ours: on memory storage every fetch lists every
-    # batch the partition holds, so its cost grows with what it has kept (BENCHMARKS.md).
+    # The embedded broker's CPU is reported beside ours: on memory storage a fetch that finds new
+    # records lists every batch the partition holds, so its cost grows with what it has kept
+    # (BENCHMARKS.md, Footprint).
     return {"broker": svc.broker.proc.pid} if svc.broker.proc is not None else {}
 
 
