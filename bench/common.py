@@ -7,6 +7,7 @@ its baselines in the same run, interleaved with ours, and reports ratios.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -514,3 +515,19 @@ def print_profile(title: str, summary: dict[str, Any]) -> None:
     print_table(f"{title}: self time, % of busy samples", ["function", "%"], rows)
     rows = [(f"{name}", share) for name, share in summary["inclusive"]]
     print_table(f"{title}: inclusive time, % of busy samples", ["function", "%"], rows)
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """`worker_batch_max=500` -> ("worker_batch_max", "500"): a worker setting for a benchmark."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
+def setting_arg(text: str) -> tuple[str, str]:
+    """`parse_setting` for argparse's `type=`."""
+    try:
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from bench.common import (
     running,
     save_result,
     services,
+    setting_arg,
 )
 from infra.embedded import free_port
 from infra.meta_samples import sign, wa_change, wa_envelope
@@ -118,6 +120,7 @@ async def _drive(
     duration_s: float,
     connections: int,
     interval_s: float,
+    postgres_cpu_s: Callable[[], float],
 ) -> tuple[Load, list[dict[str, Any]]]:
     load = Load()
     queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=connections * 4)
@@ -133,6 +136,7 @@ async def _drive(
     samples: list[dict[str, Any]] = []
     started = time.monotonic()
     next_sample = started
+    pg_cpu, pg_at = postgres_cpu_s(), started
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console
@@ -160,6 +164,10 @@ async def _drive(
                 for name, proc in procs.items():
                     sample[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
                     sample[f"{name}_cpu"] = round(proc.cpu_percent(None))  # % of a core
+                # Postgres is a server and its backends: a process tree.
+                cpu = postgres_cpu_s()
+                sample["postgres_cpu"] = round(100 * (cpu - pg_cpu) / max(now - pg_at, 1e-3))
+                pg_cpu, pg_at = cpu, now
                 samples.append(sample)
                 bar.update(
                     task,
@@ -197,7 +205,13 @@ def _broker_pid(svc: BenchServices) -> dict[str, int]:
     return {"broker": svc.broker.proc.pid} if svc.broker.proc is not None else {}
 
 
-def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 64) -> dict[str, Any]:
+def run(
+    duration_s: float = 600.0,
+    *,
+    rate: float = 1000.0,
+    connections: int = 64,
+    worker_settings: dict[str, str] | None = None,
+) -> dict[str, Any]:
     import uvloop
 
     with services("footprint") as svc:
@@ -205,7 +219,11 @@ def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 6
         port = free_port()
         ingest = Child.cortexx("ingest", ["ingest", "--port", str(port)], svc.env(), svc.data_dir, port=port)
         worker = Child.cortexx(
-            "worker", ["worker"], svc.env(), svc.data_dir, ready_line='"worker.partitions_assigned"'
+            "worker",
+            ["worker"],
+            svc.env(**(worker_settings or {})),
+            svc.data_dir,
+            ready_line='"worker.partitions_assigned"',
         )
         with running(ingest, worker):
             load, samples = uvloop.run(
@@ -213,6 +231,7 @@ def run(duration_s: float = 600.0, *, rate: float = 1000.0, connections: int = 6
                     port,
                     tenant,
                     {"ingest": ingest.pid, "worker": worker.pid, **_broker_pid(svc)},
+                    postgres_cpu_s=svc.postgres_cpu_s,
                     rate=rate,
                     duration_s=duration_s,
                     connections=connections,
@@ -302,8 +321,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds under load (default 10 min)")
     parser.add_argument("--rate", type=float, default=1000.0, help="webhooks per second")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=setting_arg,
+        metavar="NAME=VALUE",
+        help="a worker setting, e.g. worker_batch_idle_ms=250",
+    )
     args = parser.parse_args(argv)
-    run(args.duration, rate=args.rate, connections=args.connections)
+    run(args.duration, rate=args.rate, connections=args.connections, worker_settings=dict(args.setting))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from bench.common import (
     py_spy_available,
     save_result,
     services,
+    setting_arg,
     summarize_profile,
     tree_cpu_s,
 )
@@ -716,21 +717,6 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
     return result
 
 
-def parse_setting(text: str) -> tuple[str, str]:
-    """`worker_batch_max=500` -> ("worker_batch_max", "500"): a worker setting for the runs."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise ValueError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip().lower(), value.strip()
-
-
-def _setting(text: str) -> tuple[str, str]:
-    try:
-        return parse_setting(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -754,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
         "--setting",
         action="append",
         default=[],
-        type=_setting,
+        type=setting_arg,
         metavar="NAME=VALUE",
         help="a worker setting for every cortexx worker run, e.g. worker_overlap_writes=true",
     )

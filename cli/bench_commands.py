@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(900.0, help="Seconds allowed per run."),
     ) -> None:
         """Worker records/s to Postgres vs a bare Faust agent and a hand-written aiokafka loop."""
-        from bench.worker import parse_setting, run
+        from bench.common import parse_setting
+        from bench.worker import run
 
         try:
             worker_settings = dict(parse_setting(s) for s in setting)
@@ -80,11 +81,19 @@ def register(app: typer.Typer) -> None:
     def bench_footprint(
         duration: float = typer.Option(600.0, help="Seconds under load."),
         rate: float = typer.Option(1000.0, help="Webhooks per second."),
+        setting: list[str] = typer.Option(
+            [], help="NAME=VALUE: a worker setting, e.g. worker_batch_idle_ms=250."
+        ),
     ) -> None:
-        """RSS of ingest and worker under a steady load (chart: RSS over time)."""
+        """RSS of ingest and worker under a steady load (chart: RSS over time), and CPU."""
+        from bench.common import parse_setting
         from bench.footprint import run
 
-        run(duration, rate=rate)
+        try:
+            worker_settings = dict(parse_setting(s) for s in setting)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--setting") from None
+        run(duration, rate=rate, worker_settings=worker_settings)
 
     @bench_app.command("latency")
     def bench_latency(
@@ -92,7 +101,7 @@ def register(app: typer.Typer) -> None:
         blocks: int = typer.Option(2, help="Alternations of our worker and the baseline."),
         seed: int = typer.Option(42, help="Seed of the arrival jitter."),
     ) -> None:
-        """Webhook POST to its message row on a quiet system, vs Faust's own fetch wait."""
+        """POST to message row on a quiet system, vs window-only batches and Faust's fetch wait."""
         from bench.latency import run
 
         run(samples, blocks, seed)
