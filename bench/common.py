@@ -531,3 +531,10 @@ def setting_arg(text: str) -> tuple[str, str]:
         return parse_setting(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_setting_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--setting NAME=VALUE`, repeatable: worker settings for a benchmark's runs."""
+    parser.add_argument(
+        "--setting", action="append", default=[], type=setting_arg, metavar="NAME=VALUE", help=help
+    )

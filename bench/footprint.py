@@ -30,6 +30,7 @@ from bench.common import (
     RESULTS_DIR,
     BenchServices,
     Child,
+    add_setting_option,
     add_tenant,
     console,
     percentile,
@@ -37,7 +38,6 @@ from bench.common import (
     running,
     save_result,
     services,
-    setting_arg,
 )
 from infra.embedded import free_port
 from infra.meta_samples import sign, wa_change, wa_envelope
@@ -321,14 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds under load (default 10 min)")
     parser.add_argument("--rate", type=float, default=1000.0, help="webhooks per second")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument(
-        "--setting",
-        action="append",
-        default=[],
-        type=setting_arg,
-        metavar="NAME=VALUE",
-        help="a worker setting, e.g. worker_batch_idle_ms=250",
-    )
+    add_setting_option(parser, "a worker setting, e.g. worker_batch_idle_ms=250")
     args = parser.parse_args(argv)
     run(args.duration, rate=args.rate, connections=args.connections, worker_settings=dict(args.setting))
 

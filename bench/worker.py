@@ -47,6 +47,7 @@ from bench.common import (
     BenchServices,
     Child,
     Profile,
+    add_setting_option,
     add_tenant,
     console,
     keep_profile,
@@ -55,7 +56,6 @@ from bench.common import (
     py_spy_available,
     save_result,
     services,
-    setting_arg,
     summarize_profile,
     tree_cpu_s,
 )
@@ -736,13 +736,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="with --scaling-only: repeat it, report the median"
     )
-    parser.add_argument(
-        "--setting",
-        action="append",
-        default=[],
-        type=setting_arg,
-        metavar="NAME=VALUE",
-        help="a worker setting for every cortexx worker run, e.g. worker_overlap_writes=true",
+    add_setting_option(
+        parser, "a worker setting for every cortexx worker run, e.g. worker_overlap_writes=true"
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per run")
     args = parser.parse_args(argv)
