@@ -538,3 +538,8 @@ def add_setting_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--setting", action="append", default=[], type=setting_arg, metavar="NAME=VALUE", help=help
     )
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line, its module docstring as the help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

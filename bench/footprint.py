@@ -13,7 +13,6 @@ under 5 MB). Chart: RSS over time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -32,6 +31,7 @@ from bench.common import (
     Child,
     add_setting_option,
     add_tenant,
+    argument_parser,
     console,
     percentile,
     print_table,
@@ -315,9 +315,7 @@ def chart(samples: list[dict[str, Any]], window_s: float, path: Path | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--duration", type=float, default=600.0, help="seconds under load (default 10 min)")
     parser.add_argument("--rate", type=float, default=1000.0, help="webhooks per second")
     parser.add_argument("--connections", type=int, default=64)

@@ -12,7 +12,6 @@ triggers: one delta row per conversation), and the counts computed once after it
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import asyncpg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bench.common import console
+from bench.common import argument_parser, console
 
 TABLES = ("contacts", "conversations", "messages")
 COUNT_TRIGGERS = (
@@ -294,9 +293,7 @@ async def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--database-url", required=True, help="an empty, migrated database")
     parser.add_argument("--companies", type=int, default=100)
     parser.add_argument("--conversations", type=int, default=1_000_000)

@@ -16,7 +16,6 @@ Target: `ours` >= 60% of `bare` req/s at 32 connections (1-change), with p99 < 2
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -36,6 +35,7 @@ from bench.common import (
     Child,
     Profile,
     add_tenant,
+    argument_parser,
     console,
     keep_profile,
     print_profile,
@@ -364,9 +364,7 @@ def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--profile", action="store_true", help="py-spy profile of ingest at 32 connections")
     parser.add_argument("--profile-only", action="store_true", help="only the profiles, no measurement")

@@ -20,7 +20,6 @@ Target: p99 under 1,000 ms, "visible to agents within a second".
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -33,6 +32,7 @@ from bench.common import (
     BenchServices,
     Child,
     add_tenant,
+    argument_parser,
     console,
     percentile,
     print_table,
@@ -147,11 +147,9 @@ def run(samples: int = 100, blocks: int = 2, seed: int = 42) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--samples", type=int, default=100, help="webhooks per block")
-    parser.add_argument("--blocks", type=int, default=2, help="alternations of the two workers")
+    parser.add_argument("--blocks", type=int, default=2, help="alternations of the three workers")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     run(args.samples, args.blocks, args.seed)

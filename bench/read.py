@@ -19,7 +19,6 @@ Target: p99 under 10 ms over HTTP for every case, flat in depth (chart: p99 agai
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -39,6 +38,7 @@ from bench.common import (
     RESULTS_DIR,
     BenchError,
     Child,
+    argument_parser,
     console,
     percentile,
     print_table,
@@ -359,9 +359,7 @@ def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--companies", type=int, default=100)
     parser.add_argument("--conversations", type=int, default=1_000_000)
     parser.add_argument("--messages", type=int, default=10_000_000)

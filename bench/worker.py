@@ -28,7 +28,6 @@ Targets: worker x1 >= 85% of the bare Faust agent; x2 >= 1.5 x1.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
@@ -49,6 +48,7 @@ from bench.common import (
     Profile,
     add_setting_option,
     add_tenant,
+    argument_parser,
     console,
     keep_profile,
     print_profile,
@@ -718,9 +718,7 @@ def _report(records: int, runs: list[Run]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--records", type=int, default=100_000, help="backlog size")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(

@@ -45,13 +45,9 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(900.0, help="Seconds allowed per run."),
     ) -> None:
         """Worker records/s to Postgres vs a bare Faust agent and a hand-written aiokafka loop."""
-        from bench.common import parse_setting
         from bench.worker import run
 
-        try:
-            worker_settings = dict(parse_setting(s) for s in setting)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--setting") from None
+        worker_settings = _worker_settings(setting)
         run(
             records,
             seed=seed,
@@ -86,22 +82,28 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """RSS of ingest and worker under a steady load (chart: RSS over time), and CPU."""
-        from bench.common import parse_setting
         from bench.footprint import run
 
-        try:
-            worker_settings = dict(parse_setting(s) for s in setting)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--setting") from None
+        worker_settings = _worker_settings(setting)
         run(duration, rate=rate, worker_settings=worker_settings)
 
     @bench_app.command("latency")
     def bench_latency(
         samples: int = typer.Option(100, help="Webhooks per block, sent one at a time."),
-        blocks: int = typer.Option(2, help="Alternations of our worker and the baseline."),
+        blocks: int = typer.Option(2, help="Alternations of our worker and the two baselines."),
         seed: int = typer.Option(42, help="Seed of the arrival jitter."),
     ) -> None:
         """POST to message row on a quiet system, vs window-only batches and Faust's fetch wait."""
         from bench.latency import run
 
         run(samples, blocks, seed)
+
+
+def _worker_settings(setting: list[str]) -> dict[str, str]:
+    """`--setting NAME=VALUE` options as worker settings; a malformed one is a usage error."""
+    from bench.common import parse_setting
+
+    try:
+        return dict(parse_setting(s) for s in setting)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--setting") from None
