@@ -4,7 +4,7 @@ Each live check (Postgres, the broker, the WUZAPI breaker rows) is a `Probe`: at
 flight, awaited for at most the deadline, so a hung dependency costs /ready its deadline once,
 not a pile of stuck calls. Consumer lag and dead-letter depth need several broker round trips,
 so a background task refreshes them every `broker_probe_interval_s` through long-lived clients
-(infra.broker_compat), and /ready reports that snapshot with its age.
+(infra.offsets), and /ready reports that snapshot with its age.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -25,8 +25,8 @@ from api.db import DB_DOWN_ERRORS, Db
 from api.errors import DatabaseUnavailable
 from api.metrics import CONSUMER_LAG, DEAD_LETTERS, READY
 from api.queries import BREAKERS, PING
-from infra.broker_compat import BrokerOffsets, BrokerOffsetsError
 from infra.logging import get_logger
+from infra.offsets import BrokerOffsets, OffsetsError
 from infra.settings import Settings
 from infra.topics import ALL_TOPICS, META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
 
@@ -36,10 +36,10 @@ T = TypeVar("T")
 
 SOURCE_TOPICS = (META_WEBHOOKS, WUZAPI_OUTBOUND)
 DEAD_LETTER_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
-BROKER_ERRORS: tuple[type[BaseException], ...] = (KafkaError, BrokerOffsetsError, OSError, TimeoutError)
+BROKER_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OffsetsError, OSError, TimeoutError)
 
 
-class NotConnected(BrokerOffsetsError):
+class NotConnected(OffsetsError):
     """The background monitor has no broker connection (yet, or any more)."""
 
 
@@ -91,14 +91,11 @@ class Readiness:
         self,
         settings: Settings,
         get_pool: Callable[[], asyncpg.Pool | None],
-        *,
-        prepare: Callable[[], Awaitable[None]],
     ) -> None:
         assert settings.kafka_bootstrap
         self._settings = settings
         self._bootstrap = settings.kafka_bootstrap
         self._get_pool = get_pool
-        self._prepare = prepare
         self._timeout_s = settings.ready_timeout_s
         self._interval_s = settings.broker_probe_interval_s
         self._offsets: BrokerOffsets | None = None
@@ -204,30 +201,29 @@ class Readiness:
     async def _refresh(self) -> None:
         offsets = self._offsets
         if offsets is None:
-            # The embedded broker may have come back empty: declare the topics before reading them.
-            await self._prepare()
             offsets = self._offsets = BrokerOffsets(self._bootstrap, request_timeout_ms=5_000)
             await offsets.start()
             self._started = True
         tps = await offsets.partitions(ALL_TOPICS)
         missing = set(ALL_TOPICS) - {tp.topic for tp in tps}
         if missing:
-            await self._prepare()
             raise NotConnected(f"topics missing on the broker: {', '.join(sorted(missing))}")
-        marks = await offsets.high_watermarks(tps, timeout_s=2.0)
+        ends = await offsets.end_offsets(tps)
+        # Where retention has deleted the oldest records, they count neither as lag nor as kept.
+        begins = await offsets.beginning_offsets(tps)
         sources = [tp for tp in tps if tp.topic in SOURCE_TOPICS]
         committed = await offsets.committed(self._settings.worker_app_id, sources)
         lag = dict.fromkeys(SOURCE_TOPICS, 0)
         per_partition: dict[str, int] = {}
         for tp in sorted(sources, key=lambda t: (t.topic, t.partition)):
             # Never committed: the group starts from the earliest offset, so everything is lag.
-            behind = max(0, marks[tp] - (committed.get(tp) or 0))
+            behind = max(0, ends[tp] - max(begins[tp], committed.get(tp) or 0))
             lag[tp.topic] += behind
             per_partition[f"{tp.topic}:{tp.partition}"] = behind
         dead = dict.fromkeys(DEAD_LETTER_TOPICS, 0)
         for tp in tps:
             if tp.topic in dead:
-                dead[tp.topic] += marks[tp]
+                dead[tp.topic] += ends[tp] - begins[tp]
         for topic, n in lag.items():
             CONSUMER_LAG.labels(topic).set(n)
         for topic, n in dead.items():

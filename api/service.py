@@ -19,7 +19,7 @@ from infra.db import create_pool
 from infra.kafka import DurableProducer
 from infra.logging import get_logger
 from infra.settings import Settings
-from infra.topics import declare_topics
+from infra.topics import declare_in_background
 
 log = get_logger("api")
 
@@ -45,19 +45,12 @@ class ApiService:
         self._pool: asyncpg.Pool | None = None
         bootstrap = settings.kafka_bootstrap
 
-        async def prepare() -> None:
-            # The embedded broker may come back empty: declare before (re)starting the producer.
-            await declare_topics(
-                bootstrap, partitions=settings.topic_partitions, replication=settings.topic_replication
-            )
-
         self.producer = DurableProducer(
             bootstrap,
             linger_ms=settings.producer_linger_ms,
             request_timeout_ms=int(settings.produce_timeout_s * 1000),
-            prepare=prepare,
         )
-        self.readiness = Readiness(settings, self._get_pool, prepare=prepare)
+        self.readiness = Readiness(settings, self._get_pool)
         self.ops = OpsConsole(settings, secret, lambda: self.readiness.snapshot)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -81,6 +74,13 @@ class ApiService:
             # not depend on the values; left on `auto`, Postgres re-planned the conversation list
             # at every call (measured: 0.5-0.8 ms p50 and 1-3.5 ms p99 against 0.4 and 0.6-0.7).
             server_settings={"plan_cache_mode": "force_generic_plan"},
+        )
+        self._tasks.append(
+            declare_in_background(
+                self.settings.kafka_bootstrap or "",
+                partitions=self.settings.topic_partitions,
+                replication=self.settings.topic_replication,
+            )
         )
         self._tasks.append(
             asyncio.create_task(

@@ -41,8 +41,12 @@ def up(
 ) -> None:
     """Run the whole system: services (embedded unless URLs are set), migrations, ingest, worker."""
     from cli.up import run_up
+    from infra.embedded import KAFKA_PREREQUISITES, missing_kafka_prerequisites
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]  # up owns services.env
+    if not settings.kafka_bootstrap and missing_kafka_prerequisites():
+        typer.echo(f"cortexx up: {KAFKA_PREREQUISITES}", err=True)
+        raise typer.Exit(2)
     configure_logging(settings.log_level, process="up")
     if ingest_port is not None:
         settings.ingest_port = ingest_port

@@ -2,7 +2,8 @@
 
 The children run in their own sessions, so Ctrl-C reaches only this supervisor, which then stops
 them in order (edges first, so in-flight work drains, then the services they depend on). A child
-that dies is restarted with a growing delay.
+that dies is restarted with a growing delay; so is an embedded Postgres or broker, on its own
+data and its own port, and the children reconnect to it by themselves.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import typer
 
 from cli.services import Services, start_services
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError
 from infra.lifecycle import lifecycle
 from infra.logging import get_logger
 from infra.migrate import migrate
@@ -30,14 +33,43 @@ CHILD_GRACE_S = 15.0
 
 
 @dataclass
+class Restarts:
+    """When to start again something that died: at once, then after a growing delay while it
+    keeps dying quickly; a long healthy run resets the delay."""
+
+    name: str
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def check(self, running: bool, code: int | None, start: Callable[[], None]) -> None:
+        if running:
+            return
+        now = time.monotonic()
+        if self.next_start == 0.0:
+            if now - self.started_at > 60:
+                self.restarts = 0
+            delay = min(30.0, 0.5 * 2**self.restarts)
+            self.next_start = now + delay
+            log.error("up.child_exited", child=self.name, code=code, restart_in_s=delay)
+        elif now >= self.next_start:
+            self.restarts += 1
+            self.next_start = 0.0
+            self.started_at = now
+            try:
+                start()
+            except EmbeddedServiceError as exc:
+                log.error("up.restart_failed", child=self.name, error=str(exc))
+            else:
+                log.info("up.restarted", child=self.name, restarts=self.restarts)
+
+
+@dataclass
 class Child:
     name: str
     args: list[str]
     url: str | None = None
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
@@ -46,7 +78,6 @@ class Child:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.started_at = time.monotonic()
         log.info("up.child_started", child=self.name, pid=self.proc.pid)
 
     def stop(self) -> None:
@@ -127,10 +158,15 @@ def run_up(settings: Settings) -> int:
         typer.echo(f"  postgres {services.database_url}")
         typer.echo(f"  kafka    {services.kafka_bootstrap}")
         typer.echo("Press Ctrl-C to stop.")
+        restarts = {
+            name: Restarts(name) for name in [c.name for c in children] + [s.name for s in services.owned]
+        }
         while not lifecycle.stop_requested.is_set():
             time.sleep(0.2)
+            for service in services.owned:
+                _supervise_service(service, restarts[service.name])
             for child in children:
-                _supervise(child, env)
+                _supervise(child, env, restarts[child.name])
         log.info("up.stopping")
         return 0
     finally:
@@ -142,18 +178,17 @@ def run_up(settings: Settings) -> int:
         log.info("up.stopped")
 
 
-def _supervise(child: Child, env: dict[str, str]) -> None:
-    if child.proc is None or child.proc.poll() is None:
+def _supervise(child: Child, env: dict[str, str], restarts: Restarts) -> None:
+    if child.proc is None:
         return
-    now = time.monotonic()
-    if child.next_start == 0.0:
-        # Back off when it keeps dying quickly; a long healthy run resets the delay.
-        if now - child.started_at > 60:
-            child.restarts = 0
-        delay = min(30.0, 0.5 * 2**child.restarts)
-        child.next_start = now + delay
-        log.error("up.child_exited", child=child.name, code=child.proc.returncode, restart_in_s=delay)
-    elif now >= child.next_start:
-        child.restarts += 1
-        child.next_start = 0.0
-        child.start(env)
+    code = child.proc.poll()
+    restarts.check(code is None, code, lambda: child.start(env))
+
+
+def _supervise_service(service: EmbeddedPostgres | EmbeddedBroker, restarts: Restarts) -> None:
+    """An embedded service that died comes back on its data dir and its port, so the URLs the
+    children were given stay right."""
+    if lifecycle.stop_requested.is_set():
+        return
+    code = service.proc.poll() if service.proc is not None else None
+    restarts.check(service.running, code, service.start)

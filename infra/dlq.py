@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from infra import broker_compat
-from infra.broker_compat import BrokerOffsetsError, PartitionReset
+from infra import offsets
 from infra.kafka import DurableProducer
 from infra.logging import get_logger
+from infra.offsets import OffsetsError, PartitionReset
 from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
 from schemas.deadletter import DeadLetter, replay_headers
 
@@ -98,12 +98,12 @@ class DeadLetterReader:
     async def _read(self, topic: str) -> list[StoredLetter]:
         try:
             try:
-                records, ends = await broker_compat.read_from(self.bootstrap, topic, self._ends.get(topic))
+                records, ends = await offsets.read_from(self.bootstrap, topic, self._ends.get(topic))
             except PartitionReset:
                 self._ends.pop(topic, None)
                 self._letters.pop(topic, None)
-                records, ends = await broker_compat.read_from(self.bootstrap, topic)
-        except BrokerOffsetsError as exc:
+                records, ends = await offsets.read_from(self.bootstrap, topic)
+        except OffsetsError as exc:
             raise ReplayError(str(exc)) from exc
         except KafkaError as exc:
             raise ReplayError(f"broker unavailable: {exc}") from exc

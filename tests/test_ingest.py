@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.kafka import partition_index
 from infra.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
+from infra.offsets import topic_partitions
 from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS
 from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic
@@ -144,13 +144,7 @@ async def test_batched_post_keeps_every_record_and_each_conversations_order(
         r for r in await read_topic(services.kafka_bootstrap, META_WEBHOOKS) if _request_id(r) == request_id
     ]
     assert len(ours) == 120
-    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka_bootstrap)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = sorted(consumer.partitions_for_topic(META_WEBHOOKS) or ())
-    finally:
-        await consumer.stop()
+    partitions = await topic_partitions(services.kafka_bootstrap, META_WEBHOOKS)
     assert len(partitions) > 1
     by_key: dict[bytes, list] = {}
     for record in sorted(ours, key=lambda r: (r.partition, r.offset)):

@@ -12,7 +12,6 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from infra.embedded import EmbeddedBroker
 from infra.meta_samples import (
     MESSAGE_TYPES,
     messenger_envelope,
@@ -27,7 +26,7 @@ from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ
 from schemas.deadletter import DeadLetter
 from tests.faults.load import run_load
-from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic, wait_until
+from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic, started_broker, wait_until
 
 pytestmark = pytest.mark.usefixtures("ingest", "worker")
 
@@ -365,8 +364,7 @@ async def test_a_backlog_through_a_tiny_stream_buffer_lands_once(
     (processors/faust_transport.py). Through a 16-event buffer, 1,500 webhooks waiting on four
     partitions all land, once. (What the consumer's shorter fetch wait buys is speed, measured
     by `cortexx bench worker` and `cortexx bench latency`, not here.)"""
-    broker = EmbeddedBroker(tmp_path / "broker")
-    broker.start()
+    broker = await started_broker(tmp_path / "broker")
     own = dataclasses.replace(services, kafka_bootstrap=broker.bootstrap, broker=broker, data_dir=tmp_path)
     ingest = CortexxProcess.ingest(own, produce_timeout_s=2.0)
     worker = CortexxProcess.worker(own, worker_stream_buffer_max=16, worker_batch_max=50)
@@ -399,8 +397,7 @@ async def test_batches_fill_under_a_backlog_and_a_lone_webhook_does_not_wait_for
     not on a timer: with a 60 s window, a backlog of 1,200 webhooks is written in full batches
     of 400, and a webhook posted afterwards to an idle worker is stored long before the window
     would have closed. (How much sooner is `cortexx bench latency`'s job.)"""
-    broker = EmbeddedBroker(tmp_path / "broker")
-    broker.start()
+    broker = await started_broker(tmp_path / "broker")
     own = dataclasses.replace(services, kafka_bootstrap=broker.bootstrap, broker=broker, data_dir=tmp_path)
     ingest = CortexxProcess.ingest(own, produce_timeout_s=2.0)
     worker = CortexxProcess.worker(

@@ -38,6 +38,12 @@ class LoadResult:
     accepted: dict[str, str] = field(default_factory=dict)  # request id -> wamid of a 200
     refused: set[str] = field(default_factory=set)
     sent: int = 0
+    # (monotonic time sent, time answered, code) of each POST's last attempt.
+    answers: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def within(self, start: float, end: float) -> Counter[int]:
+        """The codes of the POSTs sent and answered wholly between `start` and `end`."""
+        return Counter(code for sent, answered, code in self.answers if sent >= start and answered <= end)
 
 
 async def run_load(
@@ -51,11 +57,12 @@ async def run_load(
     contacts: int = 50,
     pause_s: float = 0.0,
     retries: int = 0,
+    into: LoadResult | None = None,
 ) -> LoadResult:
     """POST signed webhooks until `total` are sent, `duration_s` passes or `stop` is set.
     A connection error counts as code 0 (nothing was promised). With `retries`, a 503 or a
-    connection error is retried with the same body, as Meta does."""
-    result = LoadResult()
+    connection error is retried with the same body, as Meta does. `into` is filled as it goes."""
+    result = into if into is not None else LoadResult()
     counter = itertools.count()
     deadline = time.monotonic() + duration_s if duration_s else None
     endpoint = f"{url}/webhooks/meta/{tenant.slug}"
@@ -74,6 +81,7 @@ async def run_load(
             result.sent += 1
             headers = {"X-Hub-Signature-256": sign(body, tenant.app_secret), "X-Request-Id": request_id}
             for attempt in range(retries + 1):
+                sent_at = time.monotonic()
                 try:
                     code = (await client.post(endpoint, content=body, headers=headers)).status_code
                 except httpx.TransportError:
@@ -82,6 +90,7 @@ async def run_load(
                     break
                 await asyncio.sleep(0.2 * 2**attempt)
             result.codes[code] += 1
+            result.answers.append((sent_at, time.monotonic(), code))
             if code == 200:
                 result.accepted[request_id] = wamid
             else:
