@@ -40,13 +40,17 @@ def _cortexx(*args: str, env: dict[str, str], timeout: float = 120) -> subproces
 
 
 def _start_up(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    # Its output (and its children's, which share it) goes to a file: a pipe nobody reads fills
+    # up, and then every process of the stack blocks on its next log line.
+    out = open(Path(env["CORTEXX_DATA_DIR"]).parent / f"up-{port}.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "up"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=out,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    proc.stdout = out
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, "cortexx up exited early"
@@ -62,7 +66,11 @@ def _start_up(env: dict[str, str], port: int) -> subprocess.Popen[str]:
 def _stop_up(proc: subprocess.Popen[str]) -> tuple[int, str]:
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    assert proc.stdout is not None
+    proc.stdout.seek(0)
+    out = proc.stdout.read()
+    proc.stdout.close()
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes left running after Ctrl-C: {alive}"
     return proc.returncode, out
@@ -112,3 +120,49 @@ def test_service_commands_explain_a_missing_stack(tmp_path: Path):
     result = _cortexx("ingest", env=env, timeout=30)
     assert result.returncode == 2
     assert "cortexx up" in result.stderr
+
+
+def _service(up: subprocess.Popen[str], marker: str) -> psutil.Process:
+    """The one process under `up` whose command line has `marker` (the broker's JVM, the postmaster)."""
+    found = [
+        p
+        for p in psutil.Process(up.pid).children(recursive=True)
+        if any(marker in part for part in p.cmdline())
+    ]
+    assert len(found) >= 1, f"no {marker} under cortexx up"
+    return min(found, key=lambda p: p.create_time())  # Postgres' backends are the postmaster's children
+
+
+def test_up_restarts_a_killed_broker_and_postgres(tmp_path: Path):
+    """Kill -9 the embedded broker and Postgres under a running `up`: it starts each again on its
+    own data, the processes reconnect by themselves, and the stack serves again: a second
+    simulate finds the first one's company and stores its own messages."""
+    port = free_port()
+    env = _env(tmp_path / "data", port)
+    up = _start_up(env, port)
+    try:
+        first = _cortexx("simulate", "--contacts", "8", "--messages", "2", "--timeout", "30", env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        killed = []
+        for marker in ("kafka.Kafka", "bin/postgres"):
+            victim = _service(up, marker)
+            victim.kill()
+            victim.wait(10)
+            killed.append((marker, victim.pid))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                back = all(_service(up, marker).pid != pid for marker, pid in killed)
+            except (AssertionError, psutil.NoSuchProcess):
+                back = False
+            if back:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("cortexx up did not restart the broker and Postgres")
+        again = _cortexx("simulate", "--contacts", "8", "--messages", "2", "--timeout", "60", env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "registered demo company" not in again.stderr  # Postgres came back on its data
+    finally:
+        code, _ = _stop_up(up)
+    assert code == 0
