@@ -143,7 +143,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class BenchServices:
-    """Embedded Postgres and Tansu in one temp dir, migrated, topics declared."""
+    """Embedded Postgres and Kafka in one temp dir, migrated, topics declared."""
 
     data_dir: Path
     postgres: EmbeddedPostgres
@@ -193,13 +193,13 @@ def _interrupt_on_signals() -> None:
 
 @contextlib.contextmanager
 def services(name: str, *, keep: bool = False) -> Iterator[BenchServices]:
-    """Start embedded Postgres (fsync on, as in production) and Tansu in a fresh temp dir."""
+    """Start embedded Postgres (fsync on, as in production) and Kafka in a fresh temp dir."""
     _interrupt_on_signals()
     data_dir = Path(tempfile.mkdtemp(prefix=f"cortexx-bench-{name}-"))
     postgres = EmbeddedPostgres(data_dir / "postgres")
     broker = EmbeddedBroker(data_dir / "broker")
     try:
-        with console.status("starting embedded Postgres and Tansu"):
+        with console.status("starting embedded Postgres and Kafka"):
             postgres.start()
             broker.start()
             asyncio.run(migrate(postgres.url))

@@ -199,9 +199,8 @@ def growth_mb(samples: list[dict[str, Any]], key: str, window_s: float) -> float
 
 
 def _broker_pid(svc: BenchServices) -> dict[str, int]:
-    # The embedded broker's CPU is reported beside ours: on memory storage a fetch that finds new
-    # records lists every batch the partition holds, so its cost grows with what it has kept
-    # (BENCHMARKS.md, Footprint).
+    # The embedded broker's CPU and memory are reported beside ours: it shares the two cores, and
+    # the earlier broker's cost grew with what it kept (BENCHMARKS.md, Footprint).
     return {"broker": svc.broker.proc.pid} if svc.broker.proc is not None else {}
 
 

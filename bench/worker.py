@@ -344,7 +344,7 @@ def measure(
 
 
 def _broker_cpu_s(broker: EmbeddedBroker) -> float:
-    # The producing of a "joined before the load" backlog counts too: Tansu's cost of a record.
+    # The producing of a "joined before the load" backlog counts too: the broker's cost of a record.
     return tree_cpu_s(broker.proc.pid) if broker.proc is not None else 0.0
 
 
