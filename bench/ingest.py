@@ -1,23 +1,36 @@
 """Ingest: requests/s and p50/p99 of signed, validated, durably produced (acks=all) webhooks.
 
-wrk POSTs one fixed signed body over keep-alive connections. Three servers are measured in the
+wrk POSTs one fixed signed body over keep-alive connections. Four servers are measured in the
 same run, interleaved per configuration so that drift on a shared machine hits all of them:
 
 - `bare`: a FastAPI endpoint on the same stack (uvicorn, uvloop, httptools) that only reads the
   body and answers 200 (bench/bare_app.py): the ceiling of the server stack;
 - `ours`: `cortexx ingest` as shipped (log level info: one JSON line per accepted POST);
-- `ours-quiet`: the same at log level warning, to price the per-request log line.
+- `ours-quiet`: the same at log level warning, to price the per-request log line;
+- `old-design`: the old system's design, a Node.js `node:http` route (bench/old_design/server.js)
+  that parses the JSON body, checks the signature and adds the body as one job to a BullMQ queue
+  on Redis (`queue.add`), answering 200 once the add resolved. It needs `node`, `npm`,
+  `redis-server` and `redis-cli` (`apt-get install nodejs npm redis-server`); without them it is
+  skipped, with a line saying what to install. Its packages are installed once (`npm ci` into
+  bench/old_design/node_modules); Redis runs in the run's temp dir on a free port, emptied
+  before each of its measurements, and the jobs it holds after each are counted (`queued_jobs`).
+
+A `cortexx worker` runs beside them for the whole run, consuming what ingest produces, as in
+production (the old design's queue has no consumer: that favours the baseline).
 
 Every configuration: 1-change and 100-change bodies, 8, 32 and 128 connections.
-Target: `ours` >= 60% of `bare` req/s at 32 connections (1-change), with p99 < 25 ms.
+Targets at 32 connections (1-change): `ours` >= 75% of `bare` req/s with p99 < 25 ms, and
+`ours` >= 1.5x the req/s of `old-design`.
 
     python -m bench.ingest [--duration 10] [--profile]
+    python -m bench.ingest --duration 2 --changes 1 --connections 32   # quick check, saves nothing
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -53,9 +66,13 @@ from infra.tenants import Tenant
 
 CONNECTIONS = (8, 32, 128)
 CHANGES = (1, 100)
-TARGET_RATIO = 0.60
+TARGET_RATIO = 0.75
 TARGET_P99_MS = 25.0
+TARGET_OLD_RATIO = 1.5  # ours / old-design req/s, 1-change at 32 connections
 SLUG = "bench-ingest"
+OLD_DESIGN = "old-design"
+OLD_DESIGN_DIR = Path(__file__).resolve().parent / "old_design"
+OLD_QUEUE_WAIT = "bull:meta-webhooks:wait"  # BullMQ's list of waiting jobs (no worker drains it)
 
 LUA = """
 local f = assert(io.open("{body}", "rb"))
@@ -149,6 +166,103 @@ def run_wrk(url: str, script: Path, *, connections: int, duration_s: float, thre
     raise BenchError(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
+@dataclass
+class OldDesign:
+    """The old system's design: `node bench/old_design/server.js` on its own `redis-server`."""
+
+    redis: Child
+    node: Child
+    redis_port: int
+
+    def redis_cli(self, *args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.redis_port), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return out.stdout.strip()
+
+    def flush(self) -> None:
+        """Empty Redis between measurements (outside wrk's window), so that no measurement runs
+        on the jobs of the previous ones and memory stays bounded (38 KB a 100-change job)."""
+        self.redis_cli("FLUSHALL")
+
+    def queued_jobs(self) -> int:
+        return int(self.redis_cli("LLEN", OLD_QUEUE_WAIT) or 0)
+
+
+def _old_design_missing() -> str | None:
+    """What to install before the old-design baseline can run, or None."""
+    tools = {
+        "node": "Node.js >= 20 (`apt-get install nodejs npm`)",
+        "npm": "npm (`apt-get install npm`)",
+        "redis-server": "Redis (`apt-get install redis-server`)",
+        "redis-cli": "redis-cli (`apt-get install redis-tools`)",
+    }
+    for tool, what in tools.items():
+        if shutil.which(tool) is None:
+            return f"{tool} not found: install {what}"
+    return None
+
+
+def _npm_install() -> str | None:
+    """Install bench/old_design's packages once (`npm ci` from the lock); the error, or None."""
+    if (OLD_DESIGN_DIR / "node_modules").is_dir():
+        return None
+    npm = "ci" if (OLD_DESIGN_DIR / "package-lock.json").exists() else "install"
+    console.print(f"installing the old-design packages: npm {npm} in {OLD_DESIGN_DIR}")
+    try:
+        out = subprocess.run(
+            ["npm", npm, "--no-audit", "--no-fund"],
+            cwd=OLD_DESIGN_DIR,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"npm {npm} failed: {e}"
+    if out.returncode != 0:
+        tail = " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:])
+        return f"npm {npm} failed (exit {out.returncode}): {tail}"
+    return None
+
+
+def _old_design(data_dir: Path, log_dir: Path, app_secret: str) -> OldDesign | None:
+    """The old-design server and its Redis, or None (with a line saying why) when it cannot run."""
+    problem = _old_design_missing() or _npm_install()
+    if problem is not None:
+        console.print(f"[yellow]{OLD_DESIGN} skipped: {problem}[/]")
+        return None
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    redis_port, node_port = free_port(), free_port()
+    # BullMQ on the old system ran on a Redis with its defaults (RDB snapshots); no persistence
+    # here (no RDB, no AOF) favours the baseline.
+    redis_argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port)]
+    redis_argv += ["--save", "", "--appendonly", "no", "--dir", str(redis_dir)]
+    redis = Child(
+        "redis", redis_argv, dict(os.environ), log_dir / "redis.log", ready_line="Ready to accept connections"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEXX_")}
+    env.update(
+        PORT=str(node_port),
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}",
+        APP_SECRET=app_secret,
+        NODE_ENV="production",
+    )
+    node = Child(
+        OLD_DESIGN,
+        ["node", str(OLD_DESIGN_DIR / "server.js")],
+        env,
+        log_dir / f"{OLD_DESIGN}.log",
+        port=node_port,
+    )
+    return OldDesign(redis, node, redis_port)
+
+
 def _servers(svc: BenchServices, log_dir: Path) -> list[Child]:
     bare_port, ours_port, quiet_port = free_port(), free_port(), free_port()
     return [
@@ -194,23 +308,49 @@ def run(
             scripts[changes] = script
             console.print(f"{changes}-change body: {len(body):,} bytes")
         servers = _servers(svc, svc.data_dir)
+        old = None if profile_only else _old_design(svc.data_dir, svc.data_dir, tenant.app_secret)
+        helpers = [old.redis] if old is not None else []
+        # As in production, a worker consumes what ingest produces, on the same cores and broker.
+        helpers.append(
+            Child.cortexx(
+                "worker", ["worker"], svc.env(), svc.data_dir, ready_line='"worker.partitions_assigned"'
+            )
+        )
+        if old is not None:
+            servers.append(old.node)
         rows: list[dict[str, Any]] = []
-        with running(*servers):
+        with running(*helpers, *servers):
             for changes in () if profile_only else changes_set:
                 for connections in connections_set:
                     for server in servers:
+                        this_old = old if old is not None and server is old.node else None
                         url = f"{server.url}/webhooks/meta/{SLUG}"
                         run_wrk(url, scripts[changes], connections=connections, duration_s=warmup_s)
+                        if this_old is not None:
+                            this_old.flush()
                         cpu_before = tree_cpu_s(server.pid)
+                        redis_before = tree_cpu_s(this_old.redis.pid) if this_old is not None else 0.0
                         result = run_wrk(
                             url, scripts[changes], connections=connections, duration_s=duration_s
                         )
                         cpu_pct = 100 * (tree_cpu_s(server.pid) - cpu_before) / result.seconds
+                        extra: dict[str, Any] = {}
+                        if this_old is not None:
+                            redis_cpu = tree_cpu_s(this_old.redis.pid) - redis_before
+                            extra = {
+                                "queued_jobs": this_old.queued_jobs(),
+                                "redis_cpu_pct": round(100 * redis_cpu / result.seconds, 1),
+                            }
+                            this_old.flush()
+                        jobs = ""
+                        if extra:
+                            jobs = f"; redis cpu {extra['redis_cpu_pct']:.0f}%"
+                            jobs += f", jobs in redis {extra['queued_jobs']:,}"
                         console.print(
                             f"{server.name:>10} {changes:>3}-change c={connections:<3} "
                             f"{result.rps:8.0f} req/s p50 {result.p50_ms:6.2f} ms p99 {result.p99_ms:6.2f} ms"
                             f" errors {result.errors} cpu {cpu_pct:.0f}%"
-                            f" ({_cpu_ms(cpu_pct, result.rps):.3f} ms/req)"
+                            f" ({_cpu_ms(cpu_pct, result.rps):.3f} ms/req){jobs}"
                         )
                         rows.append(
                             {
@@ -228,6 +368,7 @@ def run(
                                 "server_cpu_pct": round(cpu_pct, 1),
                                 # CPU per request: steadier than req/s when the machine is shared.
                                 "cpu_ms_per_req": round(_cpu_ms(cpu_pct, result.rps), 4),
+                                **extra,
                             }
                         )
             profiles: dict[str, Any] = {}
@@ -242,6 +383,7 @@ def run(
         save_result("ingest-profile", {"duration_s": duration_s, "profiles": profiles})
         return {"profiles": profiles}
     if not full:
+        _print_ratios(rows)
         for name, summary in profiles.items():
             print_profile(f"cortexx ingest, {name}", summary)
         return {"rows": rows, "profiles": profiles}
@@ -274,12 +416,32 @@ def _cpu_ms(cpu_pct: float, rps: float) -> float:
     return 10 * cpu_pct / rps if rps else 0.0
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _print_ratios(rows: list[dict[str, Any]]) -> None:
+    """A quick check's ratios, per measured configuration: ours / bare and ours / old-design."""
+    by = {(r["server"], r["changes"], r["connections"]): r for r in rows}
+    for (server, changes, connections), ours in by.items():
+        if server != "ours":
+            continue
+        parts = []
+        for base in ("bare", OLD_DESIGN):
+            other = by.get((base, changes, connections))
+            if other is not None:
+                parts.append(f"ours / {base} {_ratio(ours['rps'], other['rps']):.2f}")
+        console.print(f"{changes}-change c={connections}: " + ", ".join(parts or ["no baseline"]))
+
+
 def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["server"], r["changes"], r["connections"]): r for r in rows}
     table = []
+    old_table = []
     for changes in CHANGES:
         for connections in CONNECTIONS:
             bare = by[("bare", changes, connections)]
+            old = by.get((OLD_DESIGN, changes, connections))
             for name in ("ours", "ours-quiet"):
                 ours = by[(name, changes, connections)]
                 table.append(
@@ -287,7 +449,9 @@ def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
                         f"{name} {changes}-change c={connections}",
                         ours["rps"],
                         bare["rps"],
-                        ours["rps"] / bare["rps"] if bare["rps"] else 0.0,
+                        _ratio(ours["rps"], bare["rps"]),
+                        old["rps"] if old else None,
+                        _ratio(ours["rps"], old["rps"]) if old else None,
                         ours["p50_ms"],
                         ours["p99_ms"],
                         bare["p99_ms"],
@@ -297,13 +461,32 @@ def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
                         bare["cpu_ms_per_req"],
                     )
                 )
+            if old is not None:
+                ours = by[("ours", changes, connections)]
+                old_table.append(
+                    (
+                        f"{changes}-change c={connections}",
+                        old["rps"],
+                        ours["rps"],
+                        _ratio(ours["rps"], old["rps"]),
+                        old["p50_ms"],
+                        old["p99_ms"],
+                        old["errors"],
+                        old["server_cpu_pct"],
+                        old["cpu_ms_per_req"],
+                        old.get("redis_cpu_pct"),
+                        old.get("queued_jobs"),
+                    )
+                )
     print_table(
-        "ingest vs bare FastAPI endpoint (same run)",
+        f"ingest vs bare FastAPI endpoint and {OLD_DESIGN} (same run)",
         [
             "config",
             "req/s",
             "bare req/s",
             "ratio",
+            "old req/s",
+            "ours / old",
             "p50 ms",
             "p99 ms",
             "bare p99 ms",
@@ -314,16 +497,48 @@ def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         table,
     )
+    if old_table:
+        print_table(
+            f"{OLD_DESIGN}: Node + BullMQ queue.add on Redis (same run)",
+            [
+                "config",
+                "old req/s",
+                "ours req/s",
+                "ours / old",
+                "old p50 ms",
+                "old p99 ms",
+                "old errors",
+                "node cpu %",
+                "node cpu ms/req",
+                "redis cpu %",
+                "jobs queued",
+            ],
+            old_table,
+        )
     key = by[("ours", 1, 32)]
     bare_key = by[("bare", 1, 32)]
-    ratio = key["rps"] / bare_key["rps"] if bare_key["rps"] else 0.0
+    ratio = _ratio(key["rps"], bare_key["rps"])
     met = ratio >= TARGET_RATIO and key["p99_ms"] < TARGET_P99_MS and key["errors"] == 0
     verdict = "MET" if met else "MISSED"
     console.print(
         f"target (1-change, 32 connections): ratio {ratio:.2f} (>= {TARGET_RATIO}), "
         f"p99 {key['p99_ms']:.1f} ms (< {TARGET_P99_MS}): [bold]{verdict}[/]"
     )
-    return {"ratio_32": round(ratio, 3), "p99_32_ms": key["p99_ms"], "target_met": met}
+    out: dict[str, Any] = {"ratio_32": round(ratio, 3), "p99_32_ms": key["p99_ms"], "target_met": met}
+    old_key = by.get((OLD_DESIGN, 1, 32))
+    if old_key is None:
+        console.print(f"target vs {OLD_DESIGN}: not measured ({OLD_DESIGN} skipped)")
+        out.update(old_ratio_32=None, old_p99_32_ms=None, old_target_met=None)
+        return out
+    old_ratio = _ratio(key["rps"], old_key["rps"])
+    old_met = old_ratio >= TARGET_OLD_RATIO and key["errors"] == 0 and old_key["errors"] == 0
+    console.print(
+        f"target vs {OLD_DESIGN} (1-change, 32 connections): ours / {OLD_DESIGN} {old_ratio:.2f} "
+        f"(>= {TARGET_OLD_RATIO}), {OLD_DESIGN} p99 {old_key['p99_ms']:.1f} ms: "
+        f"[bold]{'MET' if old_met else 'MISSED'}[/]"
+    )
+    out.update(old_ratio_32=round(old_ratio, 3), old_p99_32_ms=old_key["p99_ms"], old_target_met=old_met)
+    return out
 
 
 def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
@@ -335,7 +550,12 @@ def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
     path = path or RESULTS_DIR / "ingest.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    styles = {"bare": ("tab:gray", "--"), "ours": ("tab:blue", "-"), "ours-quiet": ("tab:green", ":")}
+    styles = {
+        "bare": ("tab:gray", "--"),
+        "ours": ("tab:blue", "-"),
+        "ours-quiet": ("tab:green", ":"),
+        OLD_DESIGN: ("tab:orange", "-."),
+    }
     for col, changes in enumerate(CHANGES):
         for server, (color, style) in styles.items():
             points = sorted(
@@ -343,6 +563,8 @@ def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
                 for r in rows
                 if r["server"] == server and r["changes"] == changes
             )
+            if not points:  # old-design skipped
+                continue
             xs = [p[0] for p in points]
             axes[0][col].plot(xs, [p[1] for p in points], style, color=color, marker="o", label=server)
             axes[1][col].plot(xs, [p[2] for p in points], style, color=color, marker="o", label=server)
@@ -356,7 +578,7 @@ def chart(rows: list[dict[str, Any]], path: Path | None = None) -> Path:
             axes[row][col].grid(True, alpha=0.3)
             axes[row][col].legend()
         axes[1][col].axhline(TARGET_P99_MS, color="tab:red", linewidth=0.8, label="p99 target")
-    fig.suptitle("cortexx ingest vs bare FastAPI endpoint (same run, wrk)")
+    fig.suptitle(f"cortexx ingest vs bare FastAPI endpoint and {OLD_DESIGN} (same run, wrk)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         profile: bool = typer.Option(False, help="Also profile ingest (py-spy) at 32 connections."),
         profile_only: bool = typer.Option(False, help="Only the profiles, no measurement."),
     ) -> None:
-        """Ingest req/s and p50/p99 (wrk) vs a bare FastAPI endpoint, at 8/32/128 connections."""
+        """Ingest req/s and p50/p99 (wrk) vs a bare FastAPI endpoint and the old Node + BullMQ design."""
         from bench.ingest import run
 
         run(duration, profile=profile, profile_only=profile_only)
