@@ -32,6 +32,7 @@ throughput is reported, not judged: two cores shared with Postgres and the broke
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -443,7 +444,11 @@ def run(
             cost of starting, not of throughput). They get a broker of their own, empty until
             the whole group holds its partitions, then the backlog."""
             asyncio.run(_sql(svc.database_url, TRUNCATE))
-            broker = EmbeddedBroker(svc.data_dir / f"broker-live-{count}")
+            # A fresh log each time: Kafka keeps its topics on disk, and a broker started on the
+            # previous live run's log would hand this group that run's backlog as well.
+            log = svc.data_dir / f"broker-live-{count}"
+            shutil.rmtree(log, ignore_errors=True)
+            broker = EmbeddedBroker(log)
             broker.start()
             try:
                 asyncio.run(declare_topics(broker.bootstrap, partitions=PARTITIONS, replication=1))
