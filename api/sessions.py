@@ -31,6 +31,7 @@ from api.db import DB_DOWN_ERRORS, Db
 from api.errors import DatabaseUnavailable
 from api.metrics import SESSIONS_PRUNED
 from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PRUNE
+from infra.compare import same_secret
 from infra.logging import get_logger
 from infra.settings import Settings
 
@@ -125,7 +126,7 @@ class Sessions:
         sid, dot, mac = cookie.partition(".")
         if not dot or not sid or len(cookie) > 200:
             return None
-        return sid if hmac.compare_digest(mac.encode(), self._mac(sid).encode()) else None
+        return sid if same_secret(mac, self._mac(sid)) else None
 
     def set_cookie(self, response: Response, sid: str) -> None:
         response.set_cookie(

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from infra.compare import same_secret
 from infra.db import create_pool
 from infra.heap import tune_gc
 from infra.kafka import BrokerUnavailable, DurableProducer
@@ -80,7 +81,7 @@ def signature_ok(body: bytes, header: str | None, secret: str) -> bool:
     if not header or not header.startswith("sha256="):
         return False
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(header[7:].strip().lower(), expected)
+    return same_secret(header[7:].strip().lower(), expected)
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
@@ -329,9 +330,7 @@ def create_app(settings: Settings) -> IngestApp:
         params = request.query_params
         tenant = await service.tenant(slug)
         token = params.get("hub.verify_token", "")
-        if params.get("hub.mode") == "subscribe" and hmac.compare_digest(
-            token.encode(), tenant.verify_token.encode()
-        ):
+        if params.get("hub.mode") == "subscribe" and same_secret(token, tenant.verify_token):
             log.info("webhook.verified", tenant=slug)
             return PlainTextResponse(params.get("hub.challenge", ""))
         log.warning("webhook.verify_refused", tenant=slug)

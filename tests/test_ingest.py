@@ -181,10 +181,10 @@ async def test_refusals_have_their_status_and_produce_nothing(
 ):
     good = orjson.dumps(_envelope())
     url = f"{ingest.url}/webhooks/meta/{tenant.slug}"
-    cases: list[tuple[str, int, str, bytes, dict[str, str]]] = []
+    cases: list[tuple[str, int, str, bytes, dict[str, str | bytes]]] = []
 
-    def case(name: str, status: int, code: str, body: bytes, signature: str | None) -> None:
-        headers = {"X-Request-Id": f"{name}-{uuid.uuid4().hex}"}
+    def case(name: str, status: int, code: str, body: bytes, signature: str | bytes | None) -> None:
+        headers: dict[str, str | bytes] = {"X-Request-Id": f"{name}-{uuid.uuid4().hex}"}
         if signature is not None:
             headers["X-Hub-Signature-256"] = signature
         cases.append((name, status, code, body, headers))
@@ -193,6 +193,9 @@ async def test_refusals_have_their_status_and_produce_nothing(
     case("missing-signature", 401, "bad_signature", good, None)
     case("wrong-secret", 401, "bad_signature", good, sign(good, "not-the-secret"))
     case("malformed-signature", 401, "bad_signature", good, "md5=abc")
+    # Header values arrive as latin-1 text; one that is not ASCII is a wrong signature, not a 500.
+    case("non-ascii-signature", 401, "bad_signature", good, ("sha256=" + "é" * 64).encode("latin-1"))
+    case("utf8-signature", 401, "bad_signature", good, ("sha256=" + "ü" * 32).encode("utf-8"))
     not_json = b"{'object': whatsapp"
     case("not-json", 400, "invalid_json", not_json, sign(not_json, tenant.app_secret))
     for i, doc in enumerate(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from api.ops.collector import OpsCollector
 from api.readiness import BrokerSnapshot
 from api.sessions import derive_key
+from infra.compare import same_secret
 from infra.dlq import DeadLetterReader
 from infra.settings import Settings
 
@@ -31,4 +32,4 @@ class OpsConsole:
         return hmac.new(self._csrf_key, sid.encode(), hashlib.sha256).hexdigest()
 
     def csrf_ok(self, sid: str, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(self.csrf_token(sid), token or "")
+        return bool(token) and same_secret(token, self.csrf_token(sid))

@@ -95,6 +95,13 @@ async def test_a_replay_that_sends_needs_the_csrf_token(
     assert refused.status_code == 403 and refused.json()["error"] == "csrf_failed"
     forged = await client.post(url, json=body, headers={**auth(cookie), "X-CSRF-Token": "0" * 64})
     assert forged.status_code == 403
+    # Not ASCII (header values arrive as latin-1 text): refused like any wrong token, never a 500.
+    for odd in ("é" * 64, "\u00ff" * 3):
+        strange = await client.post(
+            url, json=body, headers={**auth(cookie), "X-CSRF-Token": odd.encode("latin-1")}
+        )
+        assert strange.status_code == 403, strange.text
+        assert strange.json()["error"] == "csrf_failed"
     page = (await client.get(f"{ops_api.url}/ops/dead-letters", headers=auth(cookie))).text
     token = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
     accepted = await client.post(url, json=body, headers={**auth(cookie), "X-CSRF-Token": token})
