@@ -82,6 +82,48 @@ class RequestContext:
                 count(500)  # crashed before answering: the server-error handler answers 500
 
 
+class BodyLimit:
+    """Refuses a request body over `limit` bytes with 413 `body_too_large`: at once when its
+    Content-Length says so, else as soon as the chunks read pass it (raised from `receive`, so the
+    route stops reading and the HTTP error handler answers). No body is read to its end first."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    await _too_large(limit)(scope, receive, send)
+                    return
+                break
+        read = 0
+
+        async def limited() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > limit:
+                    raise StarletteHTTPException(413, _too_large_detail(limit))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large_detail(limit: int) -> str:
+    return f"the body is over {limit:,} bytes"
+
+
+def _too_large(limit: int) -> Response:
+    return error_response(413, "body_too_large", _too_large_detail(limit))
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -133,6 +175,8 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.service = service
+    # Added first, so it runs inside RequestContext: a 413 carries the request id and is counted.
+    app.add_middleware(BodyLimit, limit=settings.api_body_limit_bytes)
     app.add_middleware(RequestContext)
 
     @app.exception_handler(ApiError)

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     ready_timeout_s: float = Field(default=0.07, gt=0)  # per check, all concurrent: /ready < 100 ms
     broker_probe_interval_s: float = Field(default=1.5, gt=0)  # lag and dead-letter snapshot refresh
     api_db_timeout_s: float = Field(default=5.0, gt=0)
+    # The API's bodies are logins and replies; larger ones are refused (413) before being read.
+    api_body_limit_bytes: int = Field(default=256 * 1024, ge=1024)
 
     # Worker.
     worker_app_id: str = "cortexx"

@@ -120,3 +120,25 @@ async def test_read_routes_roll_the_session(
     assert session_cookie(response) == cookie
     expire = await db.fetchval("SELECT expire - now() FROM user_sessions WHERE sid = $1", sid)
     assert expire > timedelta(hours=1)
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read(client: httpx.AsyncClient, api: CortexxProcess):
+    """A login or reply body is small; a large one is refused with 413 and the error body, whether
+    its Content-Length says so or it comes in chunks with none, and the API keeps serving."""
+    url = f"{api.url}/api/v1/sessions"
+    big = b'{"email": "' + b"a" * (2 * 1024 * 1024) + b'", "password": "x"}'
+    declared = await client.post(url, content=big, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["error"] == "body_too_large"
+    assert declared.headers["x-request-id"]
+
+    async def chunks():
+        for _ in range(64):
+            yield b"a" * 65536
+
+    streamed = await client.post(url, content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413, streamed.text
+    assert streamed.json()["error"] == "body_too_large"
+    # A body under the limit still gets its ordinary answer.
+    small = await client.post(url, json={"email": "nobody@example.com", "password": "wrong"})
+    assert small.status_code == 401
