@@ -69,9 +69,16 @@ async def test_operator_sees_live_overview_and_every_json_view(
     missing = await client.get(f"{ops_api.url}/api/v1/ops/dead-letters/nope:0:0", headers=auth(cookie))
     assert missing.status_code == 404
 
-    for page in ("/ops", "/ops/dead-letters", "/ops/tenants", "/ops/charts/throughput.svg"):
+    for page in ("/ops", "/ops/dead-letters", "/ops/tenants", "/ops/charts/throughput.svg", "/ops/login"):
         response = await client.get(f"{ops_api.url}{page}", headers=auth(cookie))
         assert response.status_code == 200, page
+        # Never framed (its replay buttons included), never sniffed, only its own scripts.
+        assert response.headers["x-frame-options"] == "DENY", page
+        assert response.headers["x-content-type-options"] == "nosniff", page
+        assert response.headers["referrer-policy"] == "same-origin", page
+        csp = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp, page
+        assert "unsafe-inline" not in csp, page
     schema = (await client.get(f"{ops_api.url}/openapi.json")).json()
     for path in (
         "overview",
