@@ -241,9 +241,14 @@ class WebhookReceiver:
             validate_envelope(doc)
         except EnvelopeError as exc:
             raise IngestError(422, "invalid_envelope", str(exc)) from None
-        records = split_envelope(
-            doc, tenant=slug, request_id=request_id, received_at_ms=int(time.time() * 1000)
-        )
+        try:
+            records = split_envelope(
+                doc, tenant=slug, request_id=request_id, received_at_ms=int(time.time() * 1000)
+            )
+        except orjson.JSONEncodeError as exc:
+            # Valid JSON that cannot be written back (orjson reads 1,024 levels of nesting but
+            # writes 254): no Meta webhook looks like this, and nothing of it is kept.
+            raise IngestError(422, "invalid_envelope", f"the envelope cannot be stored: {exc}") from None
         try:
             await self.service.producer.send_all(META_WEBHOOKS, records, timeout_s=self.produce_timeout_s)
         except BrokerUnavailable as exc:

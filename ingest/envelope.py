@@ -31,7 +31,11 @@ def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
     rest = {k: v for k, v in value.items() if k not in _SPLIT_KEYS}
     raw_contacts = value.get("contacts")
     contacts: list[Any] = raw_contacts if isinstance(raw_contacts, list) else []
-    by_wa_id = {c.get("wa_id"): c for c in contacts if isinstance(c, dict)}
+    # Only a contact whose wa_id is a plain value can be matched to its message's sender; any other
+    # shape is kept, with the other contacts, on every message of the change.
+    by_wa_id = {
+        str(c["wa_id"]): c for c in contacts if isinstance(c, dict) and isinstance(c.get("wa_id"), str | int)
+    }
     for message in messages:
         sender = str(message.get("from", "")) if isinstance(message, dict) else ""
         part = dict(rest)

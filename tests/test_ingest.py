@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -196,6 +197,13 @@ async def test_refusals_have_their_status_and_produce_nothing(
     # Header values arrive as latin-1 text; one that is not ASCII is a wrong signature, not a 500.
     case("non-ascii-signature", 401, "bad_signature", good, ("sha256=" + "é" * 64).encode("latin-1"))
     case("utf8-signature", 401, "bad_signature", good, ("sha256=" + "ü" * 32).encode("utf-8"))
+    deep: object = "bottom"
+    for _ in range(300):
+        deep = {"nested": deep}
+    nested = _envelope()
+    nested["entry"][0]["changes"][0]["value"]["extra"] = deep  # copied into the change's record
+    too_deep = json.dumps(nested).encode()  # orjson writes 254 levels at most
+    case("nested-300-deep", 422, "invalid_envelope", too_deep, sign(too_deep, tenant.app_secret))
     not_json = b"{'object': whatsapp"
     case("not-json", 400, "invalid_json", not_json, sign(not_json, tenant.app_secret))
     for i, doc in enumerate(
@@ -334,3 +342,18 @@ async def test_health(client, ingest: CortexxProcess):
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
     assert (await client.get(f"{ingest.url}/nope")).json()["error"] == "not_found"
+
+
+async def test_a_contact_whose_wa_id_is_not_a_string_is_stored_not_a_500(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    """Valid JSON in an odd shape is kept as Meta sent it: the contact cannot be matched to its
+    message's sender, so it travels with the message."""
+    for odd in (["4915550001"], {"id": "4915550001"}):
+        envelope = _envelope(1)
+        change = envelope["entry"][0]["changes"][0]["value"]
+        change["contacts"] = [{"wa_id": odd, "profile": {"name": "Odd"}}]
+        request_id = uuid.uuid4().hex
+        response = await post_signed(client, ingest.url, tenant, envelope, request_id=request_id)
+        assert response.status_code == 200, response.text
+        assert (await _request_ids_on_topic(services)).get(request_id) == 1
