@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from api.sessions import stored_sid
+from api.users import hash_password
 from tests.api.world import COOKIE, PASSWORD, World, auth, login, session_cookie
 from tests.support import CortexxProcess, ServiceUrls, wait_until
 
@@ -231,3 +232,28 @@ async def test_users_add_command(
     assert unknown.returncode == 2
     short = users_add("--company", world.x.tenant.slug, "--email", "c@d.test", "--password", "short")
     assert short.returncode == 2
+
+
+async def test_a_password_change_or_a_deactivation_ends_every_session_of_the_user(
+    client: httpx.AsyncClient, api: CortexxProcess, world: World, db: asyncpg.Connection
+):
+    """A stolen session must not outlive a password reset, nor come back when a deactivated user
+    is reactivated; the colleague's sessions are untouched."""
+    agent, colleague = world.x.agent, world.x.colleague
+    me = f"{api.url}/api/v1/sessions/me"
+    laptop, phone = await login(client, api, agent), await login(client, api, agent)
+    bystander = await login(client, api, colleague)
+    await db.execute(
+        "UPDATE users SET password_hash = password_hash || '' WHERE id = $1", agent.id
+    )  # the same hash: not a change, nothing ends
+    assert (await client.get(me, headers=auth(laptop))).status_code == 200
+    await db.execute("UPDATE users SET password_hash = $2 WHERE id = $1", agent.id, hash_password(PASSWORD))
+    for cookie in (laptop, phone):
+        assert (await client.get(me, headers=auth(cookie))).status_code == 401
+    assert (await client.get(me, headers=auth(bystander))).status_code == 200
+
+    again = await login(client, api, agent)
+    await db.execute("UPDATE users SET is_active = false WHERE id = $1", agent.id)
+    await db.execute("UPDATE users SET is_active = true WHERE id = $1", agent.id)
+    assert (await client.get(me, headers=auth(again))).status_code == 401
+    assert (await client.get(me, headers=auth(bystander))).status_code == 200
