@@ -9,6 +9,7 @@ data and its own port, and the children reconnect to it by themselves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -30,30 +31,49 @@ from infra.topics import declare_topics
 log = get_logger("up")
 
 CHILD_GRACE_S = 15.0
+# A process that ran this long was healthy: its next crash starts the back-off from the bottom.
+HEALTHY_RUN_S = 10.0
+# A clean exit (code 0: someone stopped it, and it drained) is not a crash: start it again soon.
+CLEAN_EXIT_DELAY_S = 0.2
+CRASH_DELAY_S = 0.5
+MAX_DELAY_S = 30.0
 
 
 @dataclass
 class Restarts:
-    """When to start again something that died: at once, then after a growing delay while it
-    keeps dying quickly; a long healthy run resets the delay."""
+    """When to start again something that exited: soon after a clean exit, and after a delay
+    that doubles while it keeps crashing quickly; a healthy run resets the delay."""
 
     name: str
-    restarts: int = 0
+    crashes: int = 0
     next_start: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+
+    def delay(self, code: int | None, now: float) -> float:
+        """How long to wait before starting it again, after it exited with `code` at `now`."""
+        if now - self.started_at > HEALTHY_RUN_S:
+            self.crashes = 0
+        if code == 0:
+            return CLEAN_EXIT_DELAY_S
+        delay: float = min(MAX_DELAY_S, CRASH_DELAY_S * 2.0**self.crashes)
+        self.crashes += 1
+        return delay
 
     def check(self, running: bool, code: int | None, start: Callable[[], None]) -> None:
         if running:
             return
         now = time.monotonic()
         if self.next_start == 0.0:
-            if now - self.started_at > 60:
-                self.restarts = 0
-            delay = min(30.0, 0.5 * 2**self.restarts)
+            delay = self.delay(code, now)
             self.next_start = now + delay
-            log.error("up.child_exited", child=self.name, code=code, restart_in_s=delay)
+            log.log(
+                logging.INFO if code == 0 else logging.ERROR,
+                "up.child_exited",
+                child=self.name,
+                code=code,
+                restart_in_s=delay,
+            )
         elif now >= self.next_start:
-            self.restarts += 1
             self.next_start = 0.0
             self.started_at = now
             try:
@@ -61,7 +81,7 @@ class Restarts:
             except EmbeddedServiceError as exc:
                 log.error("up.restart_failed", child=self.name, error=str(exc))
             else:
-                log.info("up.restarted", child=self.name, restarts=self.restarts)
+                log.info("up.restarted", child=self.name, crashes=self.crashes)
 
 
 @dataclass
