@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from infra.logging import get_logger
 
 log = get_logger(__name__)
@@ -85,20 +87,32 @@ class _ChildService:
         self._log_file = open(path, "ab")  # noqa: SIM115 - closed in stop() or the next start
         return self._log_file
 
-    def pause(self) -> None:
-        """SIGSTOP: the process keeps its state but answers nothing (an outage that loses nothing)."""
+    def _tree(self) -> list[int]:
+        """The process and its children (Postgres serves each connection from a child of its own)."""
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        return [self.proc.pid, *(child.pid for child in children)]
+
+    def pause(self) -> None:
+        """SIGSTOP to the whole tree: it keeps its state but answers nothing, on connections
+        already open too (an outage that loses nothing)."""
+        for pid in self._tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
+        for pid in reversed(self._tree()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        if self.running:
+            self.resume()  # a paused process (or child) cannot handle SIGTERM
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
             proc.send_signal(self._stop_signal)
             try:
                 proc.wait(timeout_s)

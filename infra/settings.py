@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     tenant_cache_ttl_s: float = Field(default=30.0, ge=0)
     tenant_cache_negative_ttl_s: float = Field(default=2.0, ge=0)
     tenant_cache_size: int = Field(default=10_000, ge=1)
+    tenant_lookup_timeout_s: float = Field(default=1.0, gt=0)  # then 503, or the company's last known entry
 
     # Read API.
     api_host: str = "127.0.0.1"

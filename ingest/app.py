@@ -110,6 +110,11 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# Tenant lookups waiting on Postgres at once; past this a slug nobody has cached is refused at once
+# rather than queued behind a stalled database.
+MAX_PENDING_LOOKUPS = 100
+
+
 class IngestService:
     """What the routes need, with an explicit lifecycle (started by the app's lifespan)."""
 
@@ -118,6 +123,7 @@ class IngestService:
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
         self._declaring: asyncio.Task[None] | None = None
+        self._lookups: dict[str, asyncio.Task[Tenant | None]] = {}
         bootstrap = settings.kafka_bootstrap
 
         self.producer = DurableProducer(
@@ -148,16 +154,40 @@ class IngestService:
     async def stop(self) -> None:
         if self._declaring is not None:
             self._declaring.cancel()
+        for lookup in list(self._lookups.values()):
+            lookup.cancel()
         await self.producer.stop()
         if self.pool is not None:
             await self.pool.close()
 
     async def _load_tenant(self, slug: str) -> Tenant | None:
+        """The company from Postgres, waited for at most `tenant_lookup_timeout_s`.
+
+        The lookup runs as a task of its own, one per slug at a time, that is left to finish
+        when the wait gives up: cancelling asyncpg mid-query makes it talk to the stalled server
+        again (to cancel and reset the connection), and that wait has no bound of ours.
+        """
         assert self.pool is not None
+        lookup = self._lookups.get(slug)
+        if lookup is None:
+            if len(self._lookups) >= MAX_PENDING_LOOKUPS:
+                raise IngestError(503, "database_unavailable", "tenant store unavailable")
+            lookup = asyncio.create_task(get_tenant(self.pool, slug))
+            self._lookups[slug] = lookup
+            lookup.add_done_callback(lambda task: self._lookup_done(slug, task))
+        done, _ = await asyncio.wait({lookup}, timeout=self.settings.tenant_lookup_timeout_s)
+        if not done:
+            raise IngestError(503, "database_unavailable", "tenant store did not answer in time")
         try:
-            return await get_tenant(self.pool, slug)
+            return lookup.result()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise IngestError(503, "database_unavailable", "tenant store unavailable") from exc
+
+    def _lookup_done(self, slug: str, task: asyncio.Task[Tenant | None]) -> None:
+        if self._lookups.get(slug) is task:
+            del self._lookups[slug]
+        if not task.cancelled():
+            task.exception()  # retrieved here: a caller that gave up never looks
 
     async def tenant(self, slug: str) -> Tenant:
         tenant = await self.tenants.get(slug) if SLUG_RE.match(slug) else None

@@ -13,11 +13,16 @@ from infra.tenants import Tenant
 TENANT_CACHE = Counter("cortexx_ingest_tenant_cache_total", "Tenant lookups by cache result", ["result"])
 _HIT = TENANT_CACHE.labels("hit")
 _MISS = TENANT_CACHE.labels("miss")
+_STALE = TENANT_CACHE.labels("stale")
 
 
 class TenantCache:
     """Positive entries live `ttl_s`, unknown slugs `negative_ttl_s` (so a new tenant is found
-    quickly and a flood of bad slugs does not reach Postgres on every request)."""
+    quickly and a flood of bad slugs does not reach Postgres on every request).
+
+    When the load fails (the database is down or stalled), a company seen before is served from
+    its expired entry, so its webhooks keep being accepted; the failure reaches only slugs never
+    seen, or last seen unknown."""
 
     def __init__(
         self,
@@ -45,7 +50,13 @@ class TenantCache:
             return cached[1]
         self.misses += 1
         _MISS.inc()
-        tenant = await self._load(slug)
+        try:
+            tenant = await self._load(slug)
+        except Exception:
+            if cached is not None and cached[1] is not None:
+                _STALE.inc()
+                return cached[1]
+            raise
         ttl = self._ttl_s if tenant is not None else self._negative_ttl_s
         self._entries[slug] = (now + ttl, tenant)
         self._entries.move_to_end(slug)

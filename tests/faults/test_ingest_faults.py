@@ -4,6 +4,7 @@ answered 200 is on the topic; nothing else is ever answered 200."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -138,3 +139,64 @@ async def test_broker_down_answers_503_never_200_until_back(
     finally:
         ingest.stop()
         broker.stop()
+
+
+async def test_postgres_stalled_ingest_answers_in_time_and_keeps_known_companies(
+    services: ServiceUrls, tenant: Tenant, db
+):
+    """Postgres paused (SIGSTOP): a company ingest has seen before is served from its last entry
+    and its webhooks are accepted; a slug it has not seen gets 503 within the lookup bound, not
+    after the stall; and Meta's verification GET the same. All as before once Postgres is back."""
+    import secrets
+    import time
+
+    import httpx
+
+    from infra.tenants import upsert_tenant
+    from tests.faults.load import webhook
+    from tests.support import post_signed
+
+    assert services.postgres is not None, "needs the embedded Postgres"
+    unseen, _ = await upsert_tenant(
+        db, slug=f"t-{secrets.token_hex(6)}", app_secret="s" * 16, verify_token="v" * 8, name="Unseen"
+    )
+    ingest = CortexxProcess.ingest(
+        services, tenant_cache_ttl_s=0.3, tenant_cache_negative_ttl_s=0.3, tenant_lookup_timeout_s=1.0
+    )
+    ingest.start()
+    try:
+        assert (await run_load(ingest.url, tenant, concurrency=1, total=3)).codes == {200: 3}
+        await asyncio.sleep(0.5)  # its cache entry has expired
+        services.postgres.pause()
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                started = time.monotonic()
+                known = await run_load(ingest.url, tenant, concurrency=2, total=6)
+                assert known.codes == {200: 6}, known.codes
+                assert time.monotonic() - started < 8
+                body, _ = webhook("4917000001", 1)
+                for slug_tenant in (unseen, dataclasses.replace(unseen, slug="no-such-company")):
+                    started = time.monotonic()
+                    refused = await post_signed(client, ingest.url, slug_tenant, body)
+                    assert refused.status_code == 503, refused.text
+                    assert refused.json()["error"] == "database_unavailable"
+                    assert time.monotonic() - started < 3
+                started = time.monotonic()
+                verify = await client.get(
+                    f"{ingest.url}/webhooks/meta/{unseen.slug}",
+                    params={"hub.mode": "subscribe", "hub.verify_token": "v" * 8, "hub.challenge": "42"},
+                )
+                assert verify.status_code == 503 and time.monotonic() - started < 3
+        finally:
+            services.postgres.resume()
+        async with httpx.AsyncClient(timeout=30) as client:
+            body, _ = webhook("4917000001", 2)
+            back = await post_signed(client, ingest.url, unseen, body)
+            assert back.status_code == 200, back.text
+        record(
+            "Postgres paused under ingest",
+            known_company_accepted=known.codes[200],
+            unseen_company="503 within 3 s",
+        )
+    finally:
+        ingest.stop()
