@@ -43,8 +43,24 @@ _HTTP_CODES = {
 }
 
 
+# Every answer: no content sniffing, no referrer beyond our origin, never framed.
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
+# The console's pages load only their own script, style and charts, and nothing may frame them
+# (their replay buttons included). Not on /docs, whose page loads Swagger UI from elsewhere.
+_CONSOLE_CSP = (
+    b"content-security-policy",
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+)
+
+
 class RequestContext:
-    """Binds a request id to the request's logs and answer, and counts the request by route."""
+    """Binds a request id to the request's logs and answer, adds the security headers, and counts
+    the request by route."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -69,9 +85,18 @@ class RequestContext:
             REQUESTS.labels(scope["method"], label, str(status)).inc()
             REQUEST_SECONDS.labels(label).observe(time.perf_counter() - started)
 
+        extra = [(b"x-request-id", request_id.encode()), *_SECURITY_HEADERS]
+        path: str = scope.get("path", "")
+        if path == "/ops" or path.startswith("/ops/"):
+            extra.append(_CONSOLE_CSP)
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((name, value) for name, value in extra if name not in present),
+                ]
                 count(message["status"])
             await send(message)
 
@@ -114,48 +139,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
-
-
-# Every answer: no content sniffing, no referrer beyond our origin, never framed.
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),
-    (b"x-frame-options", b"DENY"),
-]
-# The console's pages load only their own script, style and charts, and nothing may frame them
-# (their replay buttons included). Not on /docs, whose page loads Swagger UI from elsewhere.
-_CONSOLE_CSP = (
-    b"content-security-policy",
-    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-    b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
-)
-
-
-class SecurityHeaders:
-    """Adds the headers above to every answer, and the console's CSP to its pages."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        extra = list(_SECURITY_HEADERS)
-        path: str = scope.get("path", "")
-        if path == "/ops" or path.startswith("/ops/"):
-            extra.append(_CONSOLE_CSP)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                message["headers"] = [
-                    *message.get("headers", []),
-                    *((name, value) for name, value in extra if name not in present),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 def _too_large_detail(limit: int) -> str:
@@ -219,7 +202,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     # Added first, so it runs inside RequestContext: a 413 carries the request id and is counted.
     app.add_middleware(BodyLimit, limit=settings.api_body_limit_bytes)
-    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestContext)
 
     @app.exception_handler(ApiError)

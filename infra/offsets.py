@@ -16,10 +16,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.cluster import ClusterMetadata
 
-from infra.logging import get_logger
-
-log = get_logger(__name__)
-
 
 class OffsetsError(RuntimeError):
     """Offsets could not be read; the broker's own errors stay aiokafka's KafkaError."""
@@ -105,16 +101,6 @@ class BrokerOffsets:
         found = await admin.list_consumer_group_offsets(group_id, partitions=list(tps))
         # Kafka answers offset -1 for a partition the group never committed.
         return {tp: (found[tp].offset if tp in found and found[tp].offset >= 0 else None) for tp in tps}
-
-
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    """The partitions of `topic` now ([] if there is no such topic)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        await consumer.start()
-        return sorted((await _metadata(consumer)).partitions_for_topic(topic) or ())
-    finally:
-        await consumer.stop()
 
 
 async def _metadata(consumer: AIOKafkaConsumer) -> ClusterMetadata:

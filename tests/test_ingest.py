@@ -14,7 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from infra.kafka import partition_index
 from infra.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
-from infra.offsets import topic_partitions
+from infra.offsets import BrokerOffsets
 from infra.tenants import Tenant
 from infra.topics import META_WEBHOOKS
 from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic
@@ -145,7 +145,12 @@ async def test_batched_post_keeps_every_record_and_each_conversations_order(
         r for r in await read_topic(services.kafka_bootstrap, META_WEBHOOKS) if _request_id(r) == request_id
     ]
     assert len(ours) == 120
-    partitions = await topic_partitions(services.kafka_bootstrap, META_WEBHOOKS)
+    offsets = BrokerOffsets(services.kafka_bootstrap)
+    await offsets.start()
+    try:
+        partitions = await offsets.partitions([META_WEBHOOKS])
+    finally:
+        await offsets.stop()
     assert len(partitions) > 1
     by_key: dict[bytes, list] = {}
     for record in sorted(ours, key=lambda r: (r.partition, r.offset)):
