@@ -148,7 +148,7 @@ async def test_batched_post_keeps_every_record_and_each_conversations_order(
     offsets = BrokerOffsets(services.kafka_bootstrap)
     await offsets.start()
     try:
-        partitions = await offsets.partitions([META_WEBHOOKS])
+        partitions = [tp.partition for tp in await offsets.partitions([META_WEBHOOKS])]
     finally:
         await offsets.stop()
     assert len(partitions) > 1
