@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     tenant_cache_negative_ttl_s: float = Field(default=2.0, ge=0)
     tenant_cache_size: int = Field(default=10_000, ge=1)
     tenant_lookup_timeout_s: float = Field(default=1.0, gt=0)  # then 503, or the company's last known entry
+    # What one POST may produce (413 envelope_too_large over it, nothing kept); see ingest/envelope.py.
+    ingest_max_records: int = Field(default=5000, ge=1000)
+    ingest_max_record_bytes: int = Field(default=1_000_000, ge=64 * 1024)
+    ingest_max_post_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
 
     # Read API.
     api_host: str = "127.0.0.1"

@@ -35,7 +35,7 @@ from infra.logging import get_logger
 from infra.settings import Settings
 from infra.tenants import SLUG_RE, Tenant, get_tenant
 from infra.topics import META_WEBHOOKS, declare_in_background
-from ingest.envelope import split_envelope
+from ingest.envelope import Budget, OverBudget, split_envelope
 from ingest.tenant_cache import TenantCache
 from schemas.meta import EnvelopeError, validate_envelope
 
@@ -204,6 +204,11 @@ class WebhookReceiver:
         settings = service.settings
         self.body_limit = settings.body_limit_bytes
         self.produce_timeout_s = settings.produce_timeout_s
+        self.budget = Budget(
+            max_records=settings.ingest_max_records,
+            max_bytes=settings.ingest_max_post_bytes,
+            max_record_bytes=settings.ingest_max_record_bytes,
+        )
         # prometheus_client's labels() takes a lock and builds a key on every call.
         self._answers: dict[int, Any] = {}
 
@@ -273,8 +278,14 @@ class WebhookReceiver:
             raise IngestError(422, "invalid_envelope", str(exc)) from None
         try:
             records = split_envelope(
-                doc, tenant=slug, request_id=request_id, received_at_ms=int(time.time() * 1000)
+                doc,
+                tenant=slug,
+                request_id=request_id,
+                received_at_ms=int(time.time() * 1000),
+                budget=self.budget,
             )
+        except OverBudget as exc:
+            raise IngestError(413, "envelope_too_large", str(exc)) from None
         except orjson.JSONEncodeError as exc:
             # Valid JSON that cannot be written back (orjson reads 1,024 levels of nesting but
             # writes 254): no Meta webhook looks like this, and nothing of it is kept.

@@ -4,17 +4,45 @@ A WhatsApp `messages` change is split per message and per status (each keeps the
 metadata, its own contact and every other field of the value), so each record can be keyed by
 the conversation it belongs to. Messenger / Instagram events are one record each. Any other
 change is one record, keyed by tenant and field, and kept as it is.
+
+Because each part copies the change's other fields, a small POST can make many large records; a
+`Budget` bounds what one POST may produce (records, bytes in all, bytes in one record) and is
+checked while the records are built, so a POST over it is refused before anything is kept or
+much memory spent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.meta import WHATSAPP_OBJECT
 from schemas.records import WebhookRecord
 
 _SPLIT_KEYS = ("messages", "statuses", "contacts")
+
+
+class OverBudget(Exception):
+    """The POST would produce more than its budget allows; nothing of it was produced."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What one POST may produce. The defaults hold Meta's largest batch (1,000 updates in 4 MiB)
+    several times over; one record stays under the broker's default record size (1 MiB)."""
+
+    max_records: int = 5000
+    max_bytes: int = 16 * 1024 * 1024
+    max_record_bytes: int = 1_000_000
+
+    def check(self, records: int, total: int, record: int) -> None:
+        if record > self.max_record_bytes:
+            raise OverBudget(f"one update would be stored as {record} bytes; at most {self.max_record_bytes}")
+        if records > self.max_records:
+            raise OverBudget(f"the envelope makes more than {self.max_records} records")
+        if total > self.max_bytes:
+            raise OverBudget(f"the envelope would be stored as more than {self.max_bytes} bytes")
 
 
 def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -63,12 +91,22 @@ def _messaging_party(event: dict[str, Any], page_id: str) -> str:
 
 
 def split_envelope(
-    doc: dict[str, Any], *, tenant: str, request_id: str, received_at_ms: int
+    doc: dict[str, Any], *, tenant: str, request_id: str, received_at_ms: int, budget: Budget = Budget()
 ) -> list[tuple[bytes, bytes]]:
-    """Return (key, value) pairs for every update of the envelope, in the order Meta sent them."""
+    """Return (key, value) pairs for every update of the envelope, in the order Meta sent them.
+
+    Raises OverBudget as soon as the records built so far exceed `budget`."""
     obj = str(doc["object"])
     out: list[tuple[bytes, bytes]] = []
     seq = 0
+    total = 0
+
+    def add(key: str, value: bytes) -> None:
+        nonlocal total
+        total += len(value)
+        budget.check(len(out) + 1, total, len(value))
+        out.append((key.encode(), value))
+
     for entry in doc["entry"]:
         entry_id = str(entry["id"])
         entry_time = entry.get("time") if isinstance(entry.get("time"), int) else None
@@ -94,7 +132,7 @@ def split_envelope(
                     received_at_ms=received_at_ms,
                     seq=seq,
                 )
-                out.append((f"{tenant}:{conversation}".encode(), record.to_bytes()))
+                add(f"{tenant}:{conversation}", record.to_bytes())
                 seq += 1
         for event in entry.get("messaging") or ():
             party = _messaging_party(event, entry_id)
@@ -110,6 +148,6 @@ def split_envelope(
                 received_at_ms=received_at_ms,
                 seq=seq,
             )
-            out.append((f"{tenant}:{entry_id}:{party}".encode(), record.to_bytes()))
+            add(f"{tenant}:{entry_id}:{party}", record.to_bytes())
             seq += 1
     return out

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -288,6 +289,44 @@ async def test_body_limit_admits_the_largest_batch(client, ingest: CortexxProces
     assert 200_000 < len(body) < 4 * 1024 * 1024
     response = await post_signed(client, ingest.url, tenant, body)
     assert response.status_code == 200, response.text
+
+
+async def test_one_post_cannot_multiply_into_more_than_its_budget(
+    client, ingest: CortexxProcess, services: ServiceUrls, tenant: Tenant
+):
+    """Each message's record copies its change's other fields: a 1 MiB extra field beside 1,000
+    messages would be a gigabyte of records. Such a POST is refused whole (413, nothing kept, no
+    gigabyte in memory); a single update too large for the broker is refused the same way, instead of
+    a 503 that Meta would retry forever; a legitimate batch of Meta's largest size still goes through."""
+    assert ingest.proc is not None
+    rss_before = psutil.Process(ingest.proc.pid).memory_info().rss
+
+    amplified = _envelope(1000)
+    amplified["entry"][0]["changes"][0]["value"]["extra"] = "x" * (1024 * 1024)
+    wide = _envelope(1)
+    wide["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] = "y" * 1_100_000
+    many = _envelope(6000)  # tiny records, but more than a POST may make
+    ids = {}
+    for name, envelope in (("amplified", amplified), ("one-huge-update", wide), ("too-many", many)):
+        ids[name] = request_id = f"{name}-{uuid.uuid4().hex}"
+        response = await post_signed(client, ingest.url, tenant, envelope, request_id=request_id)
+        assert response.status_code == 413, (name, response.text)
+        assert response.json()["error"] == "envelope_too_large", name
+        assert response.json()["detail"]
+    # The budget is checked while records are built: far less than the gigabyte the copies would take.
+    assert psutil.Process(ingest.proc.pid).memory_info().rss - rss_before < 200 * 1024 * 1024
+
+    # Meta's largest batch: 1,000 messages of near WhatsApp's longest text, under the 4 MiB body limit.
+    largest = _envelope(1000)
+    for message in largest["entry"][0]["changes"][0]["value"]["messages"]:
+        message["text"]["body"] = "z" * 3900
+    assert 3.5 * 1024 * 1024 < len(orjson.dumps(largest)) < 4 * 1024 * 1024
+    marker = uuid.uuid4().hex
+    response = await post_signed(client, ingest.url, tenant, largest, request_id=marker)
+    assert response.status_code == 200, response.text
+    on_topic = await _request_ids_on_topic(services)
+    assert on_topic.get(marker) == 1000
+    assert not set(ids.values()) & set(on_topic)
 
 
 async def test_broker_unreachable_answers_503_never_200(client, services: ServiceUrls, tenant: Tenant):
