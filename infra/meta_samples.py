@@ -73,10 +73,10 @@ MESSAGE_TYPES: tuple[str, ...] = (
 )
 """Every inbound WhatsApp ``messages[].type`` this module can build."""
 
-STATUSES: tuple[str, ...] = ("sent", "delivered", "read", "failed")
+STATUSES: tuple[str, ...] = ("sent", "delivered", "read", "played", "failed")
 """WhatsApp ``statuses[].status`` values for messages the business sent."""
 
-_STATUS_RANK: dict[str, int] = {"sent": 1, "delivered": 2, "read": 3}
+_STATUS_RANK: dict[str, int] = {"sent": 1, "delivered": 2, "read": 3, "played": 4}
 
 ERROR_CODES_HREF = "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/"
 

@@ -122,7 +122,7 @@ ON CONFLICT (company_id, external_id) DO UPDATE
        status_at = EXCLUDED.status_at,
        error = COALESCE(EXCLUDED.error, messages.error),
        updated_at = now()
- WHERE messages.status_rank < EXCLUDED.status_rank
+ WHERE messages.status_rank < EXCLUDED.status_rank AND messages.direction = 'outbound'
 """
 
 INSERT_EVENTS = """

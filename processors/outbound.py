@@ -150,7 +150,7 @@ class OutboundSender:
             state = await self._db(MESSAGE_STATE, message.company_id, message.id)
             if (
                 state is not None
-                and state["status"] in ("sent", "delivered", "read", "failed")
+                and state["status"] in ("sent", "delivered", "read", "played", "failed")
                 and not (state["status"] == "failed" and state["source"] == "wuzapi")
             ):
                 SENDS.labels("already_sent").inc()

@@ -23,13 +23,16 @@ from schemas.meta import WHATSAPP_OBJECT
 from schemas.outbound import OutboundMessage
 from schemas.records import WebhookRecord
 
-# sent < delivered < read; failed is terminal (ranked above all); inbound messages are received.
+# sent < delivered < read < played (a voice note listened to); failed is terminal (ranked above
+# all); inbound messages are received, and no status moves them (statuses are about what the
+# business sent).
 STATUS_RANK: dict[str, int] = {
     "pending": 0,
     "received": 0,
     "sent": 1,
     "delivered": 2,
     "read": 3,
+    "played": 4,
     "failed": 9,
 }
 PREVIEW_MAX = 200
@@ -108,7 +111,7 @@ ON CONFLICT (company_id, external_id) DO UPDATE
        status_at = EXCLUDED.status_at,
        error = COALESCE(EXCLUDED.error, messages.error),
        updated_at = now()
- WHERE messages.status_rank < EXCLUDED.status_rank
+ WHERE messages.status_rank < EXCLUDED.status_rank AND messages.direction = 'outbound'
 RETURNING id
 """
 
@@ -116,6 +119,7 @@ MARK_DELIVERED_BY_IDS = """
 UPDATE messages
    SET status = 'delivered', status_rank = 2, status_at = $3, updated_at = now()
  WHERE company_id = $1 AND external_id = ANY($2::text[]) AND status_rank < 2
+   AND direction = 'outbound'
 """
 
 MARK_READ_UP_TO = """

@@ -245,6 +245,50 @@ async def test_shuffled_statuses_end_at_the_highest(client, ingest, db, tenant: 
     assert (await db.fetchval("SELECT status FROM messages WHERE external_id = $1", read_id)) == "read"
 
 
+async def test_statuses_move_only_messages_the_business_sent_and_played_ranks_above_read(
+    client, ingest, db, tenant: Tenant
+):
+    """A status names a message the business sent: one whose id equals an inbound message's leaves
+    that message as it was received. `played` (a voice note listened to) ranks above `read`, in
+    whatever order the statuses arrive, alone in a POST or batched with others."""
+    customer = "4915550003333"
+    inbound_id, voice_id = _wamid(), _wamid()
+    await _post(
+        client,
+        ingest,
+        tenant,
+        _wa([wa_message("text", wamid=inbound_id, from_=customer, timestamp=1750000000)]),
+    )
+    await wait_until(lambda: _complete(db, tenant, 1), what="the inbound message")
+    statuses = [
+        wa_status(s, wamid=voice_id, recipient_id=customer, timestamp=1750000001 + i)
+        for i, s in enumerate(["sent", "delivered", "read", "played"])
+    ]
+    shuffled = [statuses[3], statuses[0], statuses[2], statuses[1]]
+    for status in shuffled[:2]:
+        await _post(client, ingest, tenant, _wa(statuses=[status]))
+    await _post(client, ingest, tenant, _wa(statuses=shuffled[2:]))
+    for state in ("read", "delivered"):
+        await _post(
+            client,
+            ingest,
+            tenant,
+            _wa(statuses=[wa_status(state, wamid=inbound_id, recipient_id=customer, timestamp=1750000009)]),
+        )
+    marker = _wamid()
+    await _post(
+        client, ingest, tenant, _wa([wa_message("text", wamid=marker, from_=customer, timestamp=1750000010)])
+    )
+    await wait_until(lambda: _complete(db, tenant, 3), what="the marker message")
+    rows = {r["external_id"]: r for r in await _messages(db, tenant)}
+    assert (rows[inbound_id]["direction"], rows[inbound_id]["status"]) == ("inbound", "received")
+    assert (rows[voice_id]["direction"], rows[voice_id]["status"]) == ("outbound", "played")
+    assert not await db.fetchval(
+        "SELECT count(*) FROM webhook_events WHERE company_id = $1 AND payload->>'status' = 'played'",
+        tenant.id,
+    )
+
+
 async def test_unknown_change_fields_are_kept_once(client, ingest, db, tenant: Tenant):
     change = wa_other_change("account_update", {"phone_number": "15550783881", "event": "VERIFIED_ACCOUNT"})
     envelope = wa_envelope([change], waba_id="102290129340398")
