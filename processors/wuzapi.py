@@ -242,21 +242,24 @@ class WuzapiClient:
         raise WuzapiPermanent(f"{status} {error}", status=status)
 
     async def send(self, token: str, message: OutboundMessage) -> SendResult:
-        """Send one outbound message with its idempotency id as WhatsApp's message id."""
+        """Send one outbound message under its gateway id (unique across companies) as WhatsApp's
+        message id."""
         if message.kind == "text":
             path, payload = (
                 contract.SEND_TEXT,
-                contract.text_request(message.to, message.text or "", message.id),
+                contract.text_request(message.to, message.text or "", message.gateway_id),
             )
         elif message.kind == "image":
             path = contract.SEND_IMAGE
-            payload = contract.image_request(message.to, message.media_url or "", message.caption, message.id)
+            payload = contract.image_request(
+                message.to, message.media_url or "", message.caption, message.gateway_id
+            )
         elif message.kind == "document":
             path = contract.SEND_DOCUMENT
             payload = contract.document_request(
-                message.to, message.media_url or "", message.filename or "document", message.id
+                message.to, message.media_url or "", message.filename or "document", message.gateway_id
             )
         else:
             path, payload = contract.MARK_READ, contract.markread_request(list(message.read_ids), message.to)
         data = await self.call(token, path, payload)
-        return SendResult(id=str(data.get("Id") or message.id), timestamp=data.get("Timestamp"))
+        return SendResult(id=str(data.get("Id") or message.gateway_id), timestamp=data.get("Timestamp"))

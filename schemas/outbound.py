@@ -1,12 +1,15 @@
 """Records on `wuzapi.outbound`: one message to send through WUZAPI, keyed by tenant.
 
-`id` is the idempotency id: it is the WhatsApp message id we ask WUZAPI to use (its `Id` field),
-and the `external_id` of the pending row in `messages`, so a retry or a replay never makes a
-second message.
+`id` is the idempotency id, unique within its company: the `external_id` of the pending row in
+`messages`. The WhatsApp message id we ask WUZAPI to use (its `Id` field) is derived from it and
+the company (`gateway_id`): companies that share a gateway may pick the same reply id, and a
+gateway takes a known id for a resend of that message; the derived one differs between companies
+and is the same for every retry and replay of one reply, so neither is lost nor sent twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +19,11 @@ OUTBOUND_VERSION = 1
 
 OutboundKind = Literal["text", "image", "document", "markread"]
 Origin = Literal["agent", "auto_reply", "read_receipt", "replay"]
+
+
+def gateway_message_id(company_id: int, outbound_id: str) -> str:
+    """The WhatsApp message id a reply is sent under: 32 upper-case hex digits, as WhatsApp's own."""
+    return hashlib.sha256(f"cortexx:{company_id}:{outbound_id}".encode()).hexdigest()[:32].upper()
 
 
 class OutboundRecordError(ValueError):
@@ -40,6 +48,10 @@ class OutboundMessage:
     read_ids: tuple[str, ...] = ()
     user_id: int | None = None
     v: int = OUTBOUND_VERSION
+
+    @property
+    def gateway_id(self) -> str:
+        return gateway_message_id(self.company_id, self.id)
 
     @property
     def key(self) -> bytes:

@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from infra.meta_samples import wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant
+from infra.tenants import Tenant, upsert_tenant
 from infra.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
 from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
@@ -62,15 +62,22 @@ async def _conversation(db: asyncpg.Connection, tenant: Tenant, phone: str) -> i
 
 
 async def _queue_replies(
-    db: asyncpg.Connection, services: ServiceUrls, tenant: Tenant, phones: list[str], per_phone: int = 1
+    db: asyncpg.Connection,
+    services: ServiceUrls,
+    tenant: Tenant,
+    phones: list[str],
+    per_phone: int = 1,
+    ids: list[str] | None = None,
+    text: str = "Reply",
 ) -> list[OutboundMessage]:
     """What the read API does for an agent's reply: a pending row, then a record on the topic."""
     messages = []
+    chosen = iter(ids or ())
     for phone in phones:
         conversation = await _conversation(db, tenant, phone)
         for i in range(per_phone):
             message = OutboundMessage(
-                id=uuid.uuid4().hex,
+                id=next(chosen, None) or uuid.uuid4().hex,
                 tenant=tenant.slug,
                 company_id=tenant.id,
                 conversation_id=conversation,
@@ -78,7 +85,7 @@ async def _queue_replies(
                 kind="text",
                 origin="agent",
                 created_at_ms=int(time.time() * 1000),
-                text=f"Reply {i} to {phone}",
+                text=f"{text} {i} to {phone}",
             )
             await db.execute(
                 "INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body,"
@@ -90,6 +97,11 @@ async def _queue_replies(
                 message.text,
             )
             messages.append(message)
+    await _produce(messages, services)
+    return messages
+
+
+async def _produce(messages: list[OutboundMessage], services: ServiceUrls) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
@@ -97,7 +109,6 @@ async def _queue_replies(
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
-    return messages
 
 
 async def _statuses(db: asyncpg.Connection, messages: list[OutboundMessage]) -> dict[str, str]:
@@ -124,7 +135,7 @@ async def _dead_letters(services: ServiceUrls, tenant: Tenant) -> list[tuple[str
 
 def _delivered(ledger: dict, messages: list[OutboundMessage]) -> dict[str, int]:
     deliveries = ledger["deliveries"]
-    return {m.id: deliveries[m.id]["accepted"] for m in messages if m.id in deliveries}
+    return {m.id: deliveries[m.gateway_id]["accepted"] for m in messages if m.gateway_id in deliveries}
 
 
 async def _fast_tenant(db, tenant: Tenant, rate: float = 500.0) -> None:
@@ -140,7 +151,7 @@ async def test_a_reply_is_sent_once_and_marked_sent(db, services, tenant: Tenant
     [message] = await _queue_replies(db, services, tenant, ["4915770000001"])
     await wait_until(lambda: _all_sent(db, [message]), what="the reply sent")
     ledger = await wuzapi.ledger()
-    delivery = ledger["deliveries"][message.id]
+    delivery = ledger["deliveries"][message.gateway_id]
     assert delivery == {
         **delivery,
         "accepted": 1,
@@ -148,6 +159,28 @@ async def test_a_reply_is_sent_once_and_marked_sent(db, services, tenant: Tenant
         "path": "/chat/send/text",
         "body": message.text,
     }
+
+
+async def test_two_companies_sharing_a_gateway_may_pick_the_same_reply_id(
+    db, services, tenant: Tenant, wuzapi: Simulator
+):
+    """A reply id is unique per company; the id WUZAPI gets is unique across companies. Two
+    companies on one gateway (one WhatsApp number: the default token) answer the same customer
+    with the same reply id: the gateway would take the second for a resend of the first."""
+    other, _ = await upsert_tenant(
+        db, slug=f"t-{uuid.uuid4().hex[:12]}", app_secret="s" * 16, verify_token="v" * 8, name="Other Co"
+    )
+    customer = "4915770000011"
+    [first] = await _queue_replies(db, services, tenant, [customer])
+    await wait_until(lambda: _all_sent(db, [first]), what="the first reply sent")
+    [second] = await _queue_replies(db, services, other, [customer], ids=[first.id], text="Other reply")
+    assert first.id == second.id
+    await wait_until(lambda: _all_sent(db, [second]), what="the second reply sent")
+    ledger = await wuzapi.ledger()
+    bodies = sorted(c["body"] for c in ledger["contents"] if c["phone"] == customer and c["delivered"])
+    assert bodies == sorted([first.text, second.text]), ledger["contents"]
+    assert ledger["deliveries"][first.gateway_id]["accepted"] == 1
+    assert ledger["deliveries"][second.gateway_id]["accepted"] == 1
 
 
 async def test_wuzapi_down_costs_only_delay(db, services, tenant: Tenant, wuzapi: Simulator):
@@ -312,7 +345,7 @@ async def test_a_replay_that_fails_again_keeps_its_attempts(db, services, tenant
     assert second.history == [first.error]
     assert second.value == first.value
     assert dict(second.header_bytes())["cortexx-replay-of"] == first_id.encode()
-    assert message.id not in (await wuzapi.ledger())["deliveries"]
+    assert message.gateway_id not in (await wuzapi.ledger())["deliveries"]
 
 
 async def test_unauthorized_token_dead_letters_with_the_reason(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from infra.tenants import Tenant
+from schemas.outbound import gateway_message_id
 from tests.api.world import PASSWORD, add_member, auth, login
 from tests.support import CortexxProcess, Simulator, wait_until
 
@@ -171,7 +172,7 @@ async def test_operator_finds_and_replays_a_failed_webhook(
 
             await wait_until(delivered, what="the replayed reply sent")
             ledger = await wuzapi.ledger()
-            assert ledger["deliveries"][message_id]["accepted"] == 1
+            assert ledger["deliveries"][gateway_message_id(tenant.id, message_id)]["accepted"] == 1
             assert await db.fetchval("SELECT count(*) FROM messages WHERE external_id = $1", message_id) == 1
             audit = await db.fetch("SELECT replayed_by FROM dlq_replay_events WHERE dlq_id = $1", letter_id)
             assert [r["replayed_by"] for r in audit] == [f"ops:{admin.email}"]
