@@ -5,12 +5,17 @@ A statement is a `Query` (not about one company: sessions, login, health), a `Co
 `ScopedDb`, built from the session user, runs the last two, and it supplies those leading
 parameters itself: a route cannot pass another company's id, nor forget to pass one.
 Every statement is timed under its name; one over the slow-query threshold is logged.
+
+A request has one database deadline (`CORTEXX_API_DB_TIMEOUT_S`) for everything it does there:
+waiting for a pooled connection and every statement on it draw on the same budget, so a stalled
+database answers 503 after that time, not after the acquire's timeout and then the statement's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -71,19 +76,45 @@ class UserQuery:
             raise ValueError(f"{self.name}: a user query must filter on company_id = $1 and user_id = $2")
 
 
-class Db:
-    """One pooled connection for one request: every statement named, timed, and mapped to 503
-    when the database is down."""
+class Deadline:
+    """The time left of a request's database budget."""
 
-    def __init__(self, conn: asyncpg.Connection, *, slow_ms: float) -> None:
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's database deadline has passed")
+        return left
+
+
+class Db:
+    """One pooled connection for one request: every statement named, timed, bounded by the
+    request's deadline (none: the pool's command timeout), and mapped to 503 when the database
+    is down."""
+
+    def __init__(self, conn: asyncpg.Connection, *, slow_ms: float, deadline: Deadline | None = None) -> None:
         self._conn = conn
         self._slow_ms = slow_ms
+        self._deadline = deadline
+        # A statement failed for want of a database: the connection is not worth resetting.
+        self.broken = False
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """The raw connection, for code that runs its own SQL (the console's dead-letter pages)."""
+        return self._conn
+
+    def _timeout(self) -> float | None:
+        return None if self._deadline is None else self._deadline.left()
 
     async def _run(self, query: Query, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
             return await call()
         except DB_DOWN_ERRORS as exc:
+            self.broken = True
             log.warning("db.unavailable", query=query.name, error=f"{type(exc).__name__}: {exc}")
             raise DatabaseUnavailable() from exc
         finally:
@@ -94,19 +125,38 @@ class Db:
                 log.warning("db.slow_query", query=query.name, ms=round(elapsed * 1000, 2))
 
     async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
-        return await self._run(query, lambda: self._conn.fetch(query.sql, *args))
+        return await self._run(query, lambda: self._conn.fetch(query.sql, *args, timeout=self._timeout()))
 
     async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
-        return await self._run(query, lambda: self._conn.fetchrow(query.sql, *args))
+        return await self._run(query, lambda: self._conn.fetchrow(query.sql, *args, timeout=self._timeout()))
 
     async def fetchval(self, query: Query, *args: Any) -> Any:
-        return await self._run(query, lambda: self._conn.fetchval(query.sql, *args))
+        return await self._run(query, lambda: self._conn.fetchval(query.sql, *args, timeout=self._timeout()))
 
     async def execute(self, query: Query, *args: Any) -> str:
-        return await self._run(query, lambda: self._conn.execute(query.sql, *args))
+        return await self._run(query, lambda: self._conn.execute(query.sql, *args, timeout=self._timeout()))
 
     def transaction(self) -> Transaction:
         return self._conn.transaction()
+
+
+@asynccontextmanager
+async def request_db(pool: asyncpg.Pool, *, timeout_s: float, slow_ms: float) -> AsyncIterator[Db]:
+    """A pooled connection for one request under one deadline; a database that is down is a 503."""
+    deadline = Deadline(timeout_s)
+    try:
+        conn = await pool.acquire(timeout=deadline.left())
+    except DB_DOWN_ERRORS as exc:
+        log.warning("db.acquire_failed", error=f"{type(exc).__name__}: {exc}")
+        raise DatabaseUnavailable() from exc
+    db = Db(conn, slow_ms=slow_ms, deadline=deadline)
+    try:
+        yield db
+    finally:
+        if db.broken:
+            # Resetting it would wait on the same stalled server; closing it is instant.
+            conn.terminate()
+        await pool.release(conn)
 
 
 class ScopedDb:

@@ -14,20 +14,17 @@ user from it (`db.user`): `CurrentUser` or `Conn` beside it would check out a se
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated
 
 import structlog
 from fastapi import Depends, Query, Request, Response
 
 from api.cursor import START, CursorCodec, Position, Scope
-from api.db import DB_DOWN_ERRORS, Db, ScopedDb
-from api.errors import DatabaseUnavailable, NotAuthenticated
+from api.db import Db, ScopedDb, request_db
+from api.errors import NotAuthenticated
 from api.service import ApiService
 from api.sessions import SessionUser
-from infra.logging import get_logger
-
-log = get_logger("api.deps")
 
 PAGE_DEFAULT = 20
 PAGE_MAX = 50
@@ -41,19 +38,9 @@ async def get_service(request: Request) -> ApiService:
 Service = Annotated[ApiService, Depends(get_service)]
 
 
-@asynccontextmanager
-async def _connection(service: ApiService) -> AsyncIterator[Db]:
-    """One pooled connection for the request; a database that is down is a 503."""
-    pool = service.pool
-    try:
-        conn = await pool.acquire(timeout=service.settings.api_db_timeout_s)
-    except DB_DOWN_ERRORS as exc:
-        log.warning("db.acquire_failed", error=f"{type(exc).__name__}: {exc}")
-        raise DatabaseUnavailable() from exc
-    try:
-        yield Db(conn, slow_ms=service.settings.slow_query_ms)
-    finally:
-        await pool.release(conn)
+def _connection(service: ApiService) -> AbstractAsyncContextManager[Db]:
+    settings = service.settings
+    return request_db(service.pool, timeout_s=settings.api_db_timeout_s, slow_ms=settings.slow_query_ms)
 
 
 async def get_db(service: Service) -> AsyncIterator[Db]:

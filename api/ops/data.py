@@ -17,8 +17,8 @@ from typing import Any
 
 import asyncpg
 
-from api.db import DB_DOWN_ERRORS, Db
-from api.errors import ApiError, DatabaseUnavailable, NotFound
+from api.db import Db, request_db
+from api.errors import ApiError, NotFound
 from api.ops.models import (
     BreakerOut,
     FailureOut,
@@ -104,11 +104,10 @@ async def overview(service: ApiService) -> OverviewOut:
 
 @contextlib.asynccontextmanager
 async def _connection(service: ApiService) -> AsyncIterator[asyncpg.Connection]:
-    try:
-        async with service.pool.acquire(timeout=service.settings.api_db_timeout_s) as conn:
-            yield conn
-    except DB_DOWN_ERRORS as exc:
-        raise DatabaseUnavailable() from exc
+    settings = service.settings
+    timeout_s, slow_ms = settings.api_db_timeout_s, settings.slow_query_ms
+    async with request_db(service.pool, timeout_s=timeout_s, slow_ms=slow_ms) as db:
+        yield db.connection
 
 
 def _failure(info: FailureInfo) -> FailureOut:

@@ -127,3 +127,41 @@ async def test_up_stdout_closed_stops_everything_cleanly(tmp_path):
     assert code == 0
     assert not alive, alive
     record("cortexx up stdout closed", exit_code=code, processes_left=len(alive))
+
+
+async def test_postgres_stalled_api_answers_503_within_one_deadline(
+    services: ServiceUrls, db: asyncpg.Connection
+):
+    """Postgres paused (SIGSTOP) under the read API: a request, whether it waits for a connection
+    or for a statement on one it holds, answers 503 within one `CORTEXX_API_DB_TIMEOUT_S`, not after
+    the acquire's timeout and then the statement's (or the release's) one after the other."""
+    assert services.postgres is not None, "needs the embedded Postgres"
+    company = await new_company(db, conversations=3)
+    api = CortexxProcess.api(services, api_db_timeout_s=1.5, db_pool_min=2, db_pool_max=2)
+    api.start()
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            cookie = await login(client, api, company.agent)
+            url = f"{api.url}/api/v1/conversations"
+            assert (await client.get(url, headers=auth(cookie))).status_code == 200
+            services.postgres.pause()
+            try:
+                # Two hold the pool's connections on stalled statements; the next ones wait to acquire.
+                started = time.monotonic()
+                answers = await asyncio.gather(*(client.get(url, headers=auth(cookie)) for _ in range(4)))
+                elapsed = time.monotonic() - started
+            finally:
+                services.postgres.resume()
+            assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]
+            assert {a.json()["error"] for a in answers} == {"database_unavailable"}
+            assert elapsed < 1.5 + 1.0, elapsed
+            await wait_until(
+                lambda: _status(client, url, cookie, 200), timeout_s=15, what="the API answering again"
+            )
+        record("Postgres paused under the read API", db_timeout_s=1.5, answered_503_within_s=round(elapsed, 2))
+    finally:
+        api.stop()
+
+
+async def _status(client: httpx.AsyncClient, url: str, cookie: str, status: int) -> bool:
+    return (await client.get(url, headers=auth(cookie))).status_code == status
