@@ -158,7 +158,9 @@ async def test_postgres_stalled_api_answers_503_within_one_deadline(
             await wait_until(
                 lambda: _status(client, url, cookie, 200), timeout_s=15, what="the API answering again"
             )
-        record("Postgres paused under the read API", db_timeout_s=1.5, answered_503_within_s=round(elapsed, 2))
+        record(
+            "Postgres paused under the read API", db_timeout_s=1.5, answered_503_within_s=round(elapsed, 2)
+        )
     finally:
         api.stop()
 
