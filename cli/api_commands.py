@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
             process="api",
             grace_s=settings.shutdown_grace_s,
             stop_deadline_s=settings.stop_deadline_s,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keep_alive_s=settings.http_keep_alive_s,
         )
         raise typer.Exit(code)
 

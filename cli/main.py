@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import typer
 
@@ -119,6 +118,9 @@ def ingest(
         process="ingest",
         grace_s=settings.shutdown_grace_s,
         stop_deadline_s=settings.stop_deadline_s,
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        keep_alive_s=settings.http_keep_alive_s,
     )
     raise typer.Exit(code)
 
@@ -139,25 +141,43 @@ def worker() -> None:
 @app.command("wuzapi-sim")
 def wuzapi_sim(
     port: int = typer.Option(None, help="Port to listen on (default CORTEXX_WUZAPI_SIM_PORT)."),
-    token: list[str] = typer.Option(None, help="Accept only these tokens (default: any)."),
+    token: list[str] = typer.Option(
+        None,
+        envvar="CORTEXX_WUZAPI_SIM_TOKENS",
+        help="A WUZAPI user's token (repeatable, or CORTEXX_WUZAPI_SIM_TOKENS space-separated); any"
+        " other gets 401. Default: CORTEXX_WUZAPI_TOKEN, the worker's.",
+    ),
+    any_token: bool = typer.Option(
+        False, "--any-token", help="Take every non-empty token as a user's (401 only without one)."
+    ),
 ) -> None:
     """Run the WUZAPI simulator (faults switched at run time through /_sim/faults)."""
     from infra.lifecycle import lifecycle
     from infra.wuzapi_sim import serve
 
+    if any_token and token:
+        typer.echo(
+            "cortexx wuzapi-sim: --any-token and --token (or CORTEXX_WUZAPI_SIM_TOKENS) exclude each other",
+            err=True,
+        )
+        raise typer.Exit(2)
     settings = _settings("wuzapi-sim")
     lifecycle.install("wuzapi-sim")
+    tokens = set(token or ()) or {settings.wuzapi_token}
 
     async def run() -> None:
-        task = asyncio.ensure_future(serve("127.0.0.1", port or settings.wuzapi_sim_port, set(token or ())))
+        stop = asyncio.Event()
         lifecycle.watch_loop(asyncio.get_running_loop())
-
-        def stop(_: str) -> None:
-            task.cancel()
-
-        lifecycle.on_stop(stop)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        lifecycle.on_stop(lambda _: stop.set())
+        # A stop is an event, not a cancel: the simulator's own shutdown then wakes and drops the
+        # calls a hang holds, instead of waiting for them.
+        await serve(
+            "127.0.0.1",
+            port or settings.wuzapi_sim_port,
+            () if any_token else tokens,
+            any_token=any_token,
+            stop=stop,
+        )
 
     asyncio.run(run())
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import typer
 
 from cli.services import Services, start_services
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError
+from infra.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, mask_url
 from infra.lifecycle import lifecycle
 from infra.logging import get_logger
 from infra.migrate import migrate
@@ -119,18 +119,28 @@ def _child_env(settings: Settings, services: Services) -> dict[str, str]:
     env["CORTEXX_KAFKA_BOOTSTRAP"] = services.kafka_bootstrap or ""
     env["CORTEXX_DATA_DIR"] = str(settings.data_dir)
     env["CORTEXX_WUZAPI_URL"] = settings.wuzapi_url or f"http://127.0.0.1:{settings.wuzapi_sim_port}"
+    if not settings.wuzapi_url:
+        # The simulator's users, as a real gateway's: the worker's token, and those of companies
+        # with their own if the operator lists them; any other gets 401. Through the environment,
+        # not argv, so no token shows in the process list.
+        listed = os.environ.get("CORTEXX_WUZAPI_SIM_TOKENS", "").split()
+        env["CORTEXX_WUZAPI_SIM_TOKENS"] = " ".join(dict.fromkeys([settings.wuzapi_token, *listed]))
     return env
 
 
 def _write_services_env(settings: Settings, services: Services) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.services_env_path.write_text(
-        f"CORTEXX_DATABASE_URL={services.database_url}\n"
-        f"CORTEXX_KAFKA_BOOTSTRAP={services.kafka_bootstrap}\n"
-        f"CORTEXX_INGEST_PORT={settings.ingest_port}\n"
-        f"CORTEXX_API_PORT={settings.api_port}\n"
-        f"CORTEXX_WUZAPI_URL={settings.wuzapi_url or f'http://127.0.0.1:{settings.wuzapi_sim_port}'}\n"
-    )
+    # It holds the database password: readable by this user alone, from its creation on.
+    path = settings.services_env_path
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as env_file:
+        env_file.write(
+            f"CORTEXX_DATABASE_URL={services.database_url}\n"
+            f"CORTEXX_KAFKA_BOOTSTRAP={services.kafka_bootstrap}\n"
+            f"CORTEXX_INGEST_PORT={settings.ingest_port}\n"
+            f"CORTEXX_API_PORT={settings.api_port}\n"
+            f"CORTEXX_WUZAPI_URL={settings.wuzapi_url or f'http://127.0.0.1:{settings.wuzapi_sim_port}'}\n"
+        )
 
 
 def run_up(settings: Settings) -> int:
@@ -175,7 +185,7 @@ def run_up(settings: Settings) -> int:
         for child in children:
             if child.url:
                 typer.echo(f"  {child.name:<8} {child.url}")
-        typer.echo(f"  postgres {services.database_url}")
+        typer.echo(f"  postgres {mask_url(services.database_url)}")
         typer.echo(f"  kafka    {services.kafka_bootstrap}")
         typer.echo("Press Ctrl-C to stop.")
         restarts = {

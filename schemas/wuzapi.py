@@ -1,8 +1,10 @@
 """WUZAPI's HTTP contract, the part Cortexx uses (asternic/wuzapi API.md and handlers.go).
 
-Every reply is an envelope: `{"code": 200, "data": {...}, "success": true}` on success,
-`{"code": N, "error": "...", "success": false}` on failure. Requests carry the user's token in
-the `Token` header and JSON bodies with capitalised keys.
+Every reply is an envelope (`Respond` in handlers.go): `{"code": 200, "data": {...}, "success":
+true}` on success, `{"code": N, "error": "...", "success": false}` on failure, written by Go's
+json encoder (keys sorted, a newline after). Requests carry the user's token in the `Token` header
+(or a `token` query parameter) and JSON bodies with capitalised keys. A token that is not a user,
+or none, is refused by the auth middleware before any handler: 401 `Unauthorized`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ SEND_IMAGE = "/chat/send/image"
 SEND_DOCUMENT = "/chat/send/document"
 MARK_READ = "/chat/markread"
 SESSION_STATUS = "/session/status"
+
+# The gateway's own error texts (handlers.go), for what Cortexx can meet.
+UNAUTHORIZED = "Unauthorized"  # authalice: the token is no user (401)
+NO_SESSION = "No session"  # the user has no WhatsApp client (500)
 
 
 def ok_envelope(data: dict[str, Any]) -> dict[str, Any]:
