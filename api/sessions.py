@@ -4,9 +4,12 @@ The cookie holds a random sid and its HMAC under a key derived from `session_sec
 forged or altered cookie is refused before any query. The row holds who the user is; it is
 judged expired by the database clock, renewed on use (rolling), and deleted at logout. A new
 sid is issued at every login (no fixation), and one pruning job per process deletes expired
-rows at a jittered interval. Nothing lives in process memory, so sessions survive restarts.
+rows (and the login attempts whose window has ended) at a jittered interval. Nothing lives in
+process memory, so sessions survive restarts.
 The row is keyed by the sid's SHA-256, not the sid: a leaked table (a backup, a replica, a
 read-only SQL hole) names no live session. (A fast hash is enough: the sid is 256 random bits.)
+`Sessions` also holds what a login needs before a session exists: the limits on attempts
+(api/login_limits.py) and the bounded pool that checks passwords (api/users.py).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from fastapi import Response
 
 from api.db import DB_DOWN_ERRORS, Db
 from api.errors import DatabaseUnavailable
+from api.login_limits import LoginLimits
 from api.metrics import SESSIONS_PRUNED
 from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PRUNE
+from api.users import PasswordHashing, default_hashing_threads
 from infra.compare import same_secret
 from infra.logging import get_logger
 from infra.settings import Settings
@@ -111,6 +116,11 @@ class Sessions:
             else settings.env != "development"
         )
         self._key = derive_key(secret, "session-cookie")
+        self.login_limits = LoginLimits(settings, derive_key(secret, "login-attempts"))
+        self.password_hashing = PasswordHashing(
+            threads=settings.api_login_hash_threads or default_hashing_threads(),
+            queue_max=settings.api_login_hash_queue_max,
+        )
 
     # The cookie.
 
@@ -188,7 +198,9 @@ class Sessions:
             await asyncio.sleep(interval_s * random.uniform(0.5, 1.5))
             try:
                 async with pool.acquire(timeout=interval_s) as conn:
-                    deleted = await self.prune(Db(conn, slow_ms=slow_ms))
+                    db = Db(conn, slow_ms=slow_ms)
+                    deleted = await self.prune(db)
+                    attempts = await self.login_limits.prune(db)
             except _PRUNE_DOWN_ERRORS as exc:
                 log.warning("session.prune_failed", error=f"{type(exc).__name__}: {exc}")
                 continue
@@ -198,3 +210,5 @@ class Sessions:
             if deleted:
                 SESSIONS_PRUNED.inc(deleted)
                 log.info("session.pruned", sessions=deleted)
+            if attempts:
+                log.info("login_attempts.pruned", rows=attempts)

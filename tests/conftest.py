@@ -100,7 +100,12 @@ def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
 def api(services: ServiceUrls) -> Iterator[CortexxProcess]:
     """The read API as a real process."""
     proc = CortexxProcess.api(
-        services, session_prune_interval_s=0.5, produce_timeout_s=2.0, broker_probe_interval_s=0.5
+        services,
+        session_prune_interval_s=0.5,
+        produce_timeout_s=2.0,
+        broker_probe_interval_s=0.5,
+        # Every test client is 127.0.0.1; the limit tests run APIs of their own.
+        api_login_address_failures_max=1_000_000,
     )
     proc.start()
     try:
@@ -134,6 +139,7 @@ def ops_api(
         broker_probe_interval_s=0.5,
         produce_timeout_s=2.0,
         session_cookie_secure="false",  # the browser test talks plain http to 127.0.0.1
+        api_login_address_failures_max=1_000_000,
     )
     proc.start()
     try:
