@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
 import random
 import secrets
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PR
 from api.users import PasswordHashing, default_hashing_threads
 from infra.compare import same_secret
 from infra.logging import get_logger
+from infra.secret_file import UnusableSecret, persisted_secret
 from infra.settings import Settings
 
 log = get_logger("api.sessions")
@@ -64,19 +63,10 @@ def load_session_secret(settings: Settings) -> bytes:
 
 
 def _persisted_key(path: Path) -> bytes:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(secrets.token_hex(32))
-        tmp.chmod(0o600)
-        # link() fails if another process won the race: every process then reads the same key.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-        tmp.unlink()
-    key = path.read_text().strip()
-    if len(key) < 32:
-        raise SessionSecretMissing(f"{path} holds no usable key; delete it to have one generated")
-    return key.encode()
+    try:
+        return persisted_secret(path).encode()
+    except UnusableSecret as exc:
+        raise SessionSecretMissing(str(exc)) from None
 
 
 def derive_key(secret: bytes, purpose: str) -> bytes:

@@ -18,7 +18,6 @@ import hashlib
 import os
 import pwd
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +34,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psutil
 
 from infra.logging import get_logger
+from infra.secret_file import UnusableSecret, persisted_secret
 
 log = get_logger(__name__)
 
@@ -99,30 +99,6 @@ def mask_url(url: str) -> str:
     userinfo, _, hosts = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
-
-
-def persisted_secret(path: Path) -> str:
-    """A random secret generated once at `path` (mode 0600 from its creation) and read after.
-
-    It is written whole to a private temporary file and link()ed into place: link() fails if
-    another process won the race, and every process then reads the winner's secret.
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, O_EXCL
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    secret = path.read_text().strip()
-    if len(secret) < 32:
-        raise EmbeddedServiceError(f"{path} holds no usable secret; delete it to have one generated")
-    return secret
 
 
 class _Identity(NamedTuple):
@@ -226,7 +202,10 @@ class EmbeddedPostgres(_ChildService):
                 # A cluster whose password we no longer know: without its pg_hba.conf, the next
                 # start sets the new password before it writes PG_HBA again.
                 (self.pgdata / "pg_hba.conf").unlink(missing_ok=True)
-            self._password = persisted_secret(self.password_path)
+            try:
+                self._password = persisted_secret(self.password_path)
+            except UnusableSecret as exc:
+                raise EmbeddedServiceError(str(exc)) from None
         return self._password
 
     @property
