@@ -101,6 +101,15 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
+def _cluster_id() -> str:
+    """A random Kafka cluster id. Like Kafka's own Uuid.randomUuid, never one that begins with
+    '-': the storage tool's argument parser would take it for an option (1 start in 64 failed)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class _Identity(NamedTuple):
     """Who a Postgres process runs as: unchanged (all None), or a system user, its own group,
     and no supplementary groups (Popen(user=) alone changes the uid and keeps ours: root's)."""
@@ -612,7 +621,7 @@ class EmbeddedBroker(_ChildService):
         """Give a new log dir its cluster id, once: a restart must find its data, not a new one."""
         if (self.log_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = _cluster_id()
         result = subprocess.run(
             [
                 "java",
