@@ -31,8 +31,9 @@ SELECT m.external_id, m.status, count(*) OVER (PARTITION BY m.external_id) AS co
 
 
 async def _demo_tenant(url: str, slug: str) -> Tenant:
-    await migrate(url)
-    conn = await connect(url)
+    # Run beside `cortexx up`, whose Postgres may be restarting: wait for it a while.
+    await migrate(url, wait_s=30)
+    conn = await connect(url, wait_s=30)
     try:
         tenant = await get_tenant(conn, slug)
         if tenant is None:

@@ -6,6 +6,10 @@ from typing import Any
 
 import asyncpg
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+# A server starting up or recovering (after a crash) refuses connections for a few seconds.
+STARTING_ERRORS: tuple[type[BaseException], ...] = (asyncpg.CannotConnectNowError, ConnectionRefusedError)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -25,7 +29,17 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kw: 
     return pool
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(url)
+async def connect(url: str, *, wait_s: float = 0.0) -> asyncpg.Connection:
+    """A connection with the JSON codecs; waits up to `wait_s` for a server still starting."""
+    conn: asyncpg.Connection | None = None
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(STARTING_ERRORS),
+        stop=stop_after_delay(wait_s),
+        wait=wait_exponential_jitter(initial=0.1, max=1.0),
+        reraise=True,
+    ):
+        with attempt:
+            conn = await asyncpg.connect(url)
+    assert conn is not None
     await _init_connection(conn)
     return conn

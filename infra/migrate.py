@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-import asyncpg
-
+from infra.db import connect
 from infra.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,9 +26,10 @@ def migration_files() -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
 
 
-async def migrate(url: str) -> list[str]:
-    """Apply every migration not yet applied; return the versions applied now."""
-    conn = await asyncpg.connect(url)
+async def migrate(url: str, *, wait_s: float = 0.0) -> list[str]:
+    """Apply every migration not yet applied; return the versions applied now. Waits up to
+    `wait_s` for a server still starting."""
+    conn = await connect(url, wait_s=wait_s)
     applied: list[str] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
