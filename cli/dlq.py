@@ -52,8 +52,13 @@ def _urls() -> tuple[Settings, str, str]:
     return settings, database, bootstrap
 
 
-async def _load(database: str, bootstrap: str, where: LetterFilter) -> list[StoredLetter]:
-    await migrate(database)
+async def _load(
+    database: str, bootstrap: str, where: LetterFilter, *, writes: bool = False
+) -> list[StoredLetter]:
+    """The letters `where` matches. Only a command that writes (replay) migrates the database:
+    `list` and `show` inspect it as it is."""
+    if writes:
+        await migrate(database)
     conn = await connect(database)
     try:
         return [s for s in await load_letters(bootstrap, conn) if where.matches(s)]
@@ -179,7 +184,7 @@ def replay_letters(
         raise typer.Exit(2)
 
     async def run() -> tuple[list[str], list[str]]:
-        letters = await _load(database, bootstrap, where)
+        letters = await _load(database, bootstrap, where, writes=True)
         if ids:
             wanted = set(ids)
             letters = [s for s in letters if s.id in wanted]

@@ -6,8 +6,13 @@ import asyncio
 
 import typer
 
+from cli.bench_commands import bench_app
+from cli.dlq import dlq_app
+from cli.services import process_settings
+from cli.tenants import tenants_app
+from cli.users import users_app
 from infra.logging import configure_logging
-from infra.settings import Settings, get_settings
+from infra.settings import Settings
 
 app = typer.Typer(
     name="cortexx",
@@ -15,30 +20,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-tenants_app = typer.Typer(help="Register and update companies (tenants).", no_args_is_help=True)
-app.add_typer(tenants_app, name="tenants")
-
-
-def _add_dlq_commands() -> None:
-    from cli.dlq import dlq_app
-
-    app.add_typer(dlq_app, name="dlq")
-
-
-_add_dlq_commands()
-
-
-def _settings(process: str) -> Settings:
-    settings = get_settings()
-    configure_logging(settings.log_level, process=process, log_file=settings.log_file)
-    return settings
 
 
 @app.command()
 def up(
     ingest_port: int = typer.Option(None, help="Port of the ingest endpoint (default 8000)."),
 ) -> None:
-    """Run the whole system: services (embedded unless URLs are set), migrations, ingest, worker."""
+    """Run the whole system: Postgres and Kafka (embedded unless URLs are set), migrations, topics,
+    the WUZAPI simulator (unless CORTEXX_WUZAPI_URL is set), ingest, the worker and the read API,
+    each supervised and restarted if it dies."""
     from cli.up import run_up
     from infra.embedded import KAFKA_PREREQUISITES, missing_kafka_prerequisites
 
@@ -48,7 +38,7 @@ def up(
         raise typer.Exit(2)
     configure_logging(settings.log_level, process="up")
     if ingest_port is not None:
-        settings.ingest_port = ingest_port
+        settings = settings.resolved(ingest_port=ingest_port)
     raise typer.Exit(run_up(settings))
 
 
@@ -58,45 +48,10 @@ def migrate() -> None:
     from cli.services import database
     from infra.migrate import migrate as apply
 
-    settings = _settings("migrate")
+    settings = process_settings("migrate")
     with database(settings) as url:
         applied = asyncio.run(apply(url))
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
-
-
-@tenants_app.command("add")
-def tenants_add(
-    slug: str = typer.Option(..., help="URL name of the company: /webhooks/meta/SLUG"),
-    app_secret: str = typer.Option(..., help="The Meta app secret that signs its webhooks."),
-    verify_token: str = typer.Option(..., help="The token Meta's verification handshake sends."),
-    name: str = typer.Option("", help="Display name (defaults to the slug)."),
-) -> None:
-    """Register a company, or update its secrets when it exists."""
-    from cli.services import database
-    from infra.db import connect
-    from infra.migrate import migrate as apply
-    from infra.tenants import InvalidSlug, upsert_tenant
-
-    settings = _settings("tenants")
-
-    async def run(url: str) -> tuple[int, bool]:
-        await apply(url)
-        conn = await connect(url)
-        try:
-            tenant, created = await upsert_tenant(
-                conn, slug=slug, app_secret=app_secret, verify_token=verify_token, name=name
-            )
-        finally:
-            await conn.close()
-        return tenant.id, created
-
-    with database(settings) as url:
-        try:
-            company_id, created = asyncio.run(run(url))
-        except InvalidSlug as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
-    typer.echo(f"{'registered' if created else 'updated'} company {slug} (id {company_id})")
 
 
 @app.command()
@@ -108,9 +63,11 @@ def ingest(
     from infra.http_server import serve_http
     from ingest.app import create_app
 
-    settings = _settings("ingest")
-    settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
-    settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
+    settings = process_settings("ingest")
+    settings = settings.resolved(
+        database_url=need_url(settings.database_url, "CORTEXX_DATABASE_URL"),
+        kafka_bootstrap=need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP"),
+    )
     code = serve_http(
         create_app(settings),
         host=settings.ingest_host,
@@ -131,10 +88,12 @@ def worker() -> None:
     from cli.services import need_url
     from processors.app import run_worker
 
-    settings = _settings("worker")
-    settings.database_url = need_url(settings.database_url, "CORTEXX_DATABASE_URL")
-    settings.kafka_bootstrap = need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP")
-    settings.wuzapi_url = need_url(settings.wuzapi_url, "CORTEXX_WUZAPI_URL")
+    settings = process_settings("worker")
+    settings = settings.resolved(
+        database_url=need_url(settings.database_url, "CORTEXX_DATABASE_URL"),
+        kafka_bootstrap=need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP"),
+        wuzapi_url=need_url(settings.wuzapi_url, "CORTEXX_WUZAPI_URL"),
+    )
     raise typer.Exit(run_worker(settings))
 
 
@@ -161,7 +120,7 @@ def wuzapi_sim(
             err=True,
         )
         raise typer.Exit(2)
-    settings = _settings("wuzapi-sim")
+    settings = process_settings("wuzapi-sim")
     lifecycle.install("wuzapi-sim")
     tokens = set(token or ()) or {settings.wuzapi_token}
 
@@ -196,7 +155,7 @@ def simulate(
     """Post a stream of realistic signed webhooks to a running ingest, then check Postgres."""
     from cli.simulate import run_simulation
 
-    settings = _settings("simulate")
+    settings = process_settings("simulate")
     base = url or f"http://127.0.0.1:{settings.ingest_port}"
     ok = run_simulation(
         settings,
@@ -212,13 +171,45 @@ def simulate(
     raise typer.Exit(0 if ok else 1)
 
 
-from cli.api_commands import register as register_api_commands  # noqa: E402
+@app.command("api")
+def api(
+    port: int = typer.Option(None, help="Port to listen on (default CORTEXX_API_PORT)."),
+) -> None:
+    """Serve the read API (sessions, conversations, replies, notifications, health)."""
+    from api.app import create_app
+    from api.sessions import SessionSecretMissing
+    from cli.services import need_url
+    from infra.http_server import serve_http
 
-register_api_commands(app)
+    settings = process_settings("api")
+    settings = settings.resolved(
+        database_url=need_url(settings.database_url, "CORTEXX_DATABASE_URL"),
+        kafka_bootstrap=need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP"),
+        api_port=port or settings.api_port,
+    )
+    try:
+        application = create_app(settings)
+    except SessionSecretMissing as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    # Signals, the drain of requests in flight and the exit code are the lifecycle's.
+    code = serve_http(
+        application,
+        host=settings.api_host,
+        port=settings.api_port,
+        process="api",
+        grace_s=settings.shutdown_grace_s,
+        stop_deadline_s=settings.stop_deadline_s,
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        keep_alive_s=settings.http_keep_alive_s,
+    )
+    raise typer.Exit(code)
 
-from cli.bench_commands import register as register_bench_commands  # noqa: E402
 
-register_bench_commands(app)
+# The command groups, each a Typer of its own module.
+for _name, _group in (("tenants", tenants_app), ("users", users_app), ("dlq", dlq_app), ("bench", bench_app)):
+    app.add_typer(_group, name=_name)
 
 
 def main() -> None:

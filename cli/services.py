@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import typer
 
 from infra.embedded import EmbeddedBroker, EmbeddedPostgres
-from infra.settings import Settings
+from infra.logging import configure_logging
+from infra.settings import Settings, get_settings
 
 
 @dataclass
@@ -23,6 +24,13 @@ class Services:
         for service in reversed(self.owned):
             service.stop()
         self.owned.clear()
+
+
+def process_settings(process: str) -> Settings:
+    """The settings of a command, its logging configured under its process name."""
+    settings = get_settings()
+    configure_logging(settings.log_level, process=process, log_file=settings.log_file)
+    return settings
 
 
 def need_url(value: str | None, variable: str) -> str:

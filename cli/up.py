@@ -1,4 +1,5 @@
-"""`cortexx up`: services, migrations, then ingest and worker as child processes.
+"""`cortexx up`: services, migrations and topics, then the WUZAPI simulator, ingest, the worker and
+the read API as supervised child processes.
 
 The children run in their own sessions, so Ctrl-C reaches only this supervisor, which then stops
 them in order (edges first, so in-flight work drains, then the services they depend on). A child

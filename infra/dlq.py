@@ -92,7 +92,11 @@ class DeadLetterReader:
             letters: list[StoredLetter] = []
             for topic in self.topics:
                 letters.extend(await self._read(topic))
-        done = {r["dlq_id"] for r in await conn.fetch(REPLAYED, [s.id for s in letters])}
+        try:
+            done = {r["dlq_id"] for r in await conn.fetch(REPLAYED, [s.id for s in letters])}
+        except asyncpg.UndefinedTableError:
+            # A database not migrated yet has replayed nothing; a reader does not migrate it.
+            done = set()
         return [StoredLetter(s.id, s.letter, s.id in done) for s in letters]
 
     async def _read(self, topic: str) -> list[StoredLetter]:

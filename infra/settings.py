@@ -3,6 +3,9 @@
 Environment variables carry the `CORTEXX_` prefix. In development a process with no service URL
 falls back to the embedded services: `cortexx up` writes their URLs to `.cortexx/services.env`,
 which this class reads after the real environment (so an explicit variable always wins).
+
+Settings are frozen once read: a command that needs other values (a port from its options, a URL
+it resolved) makes a resolved copy (`settings.resolved(...)`), so no module sees values change.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Settings(BaseSettings):
         env_file=(DATA_DIR_DEFAULT / SERVICES_ENV,),
         env_file_encoding="utf-8",
         extra="ignore",
+        frozen=True,
     )
 
     env: Literal["development", "test", "production"] = "development"
@@ -161,6 +165,10 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError("production needs explicit service URLs; missing: " + ", ".join(missing))
         return self
+
+    def resolved(self, **values: object) -> Settings:
+        """A copy with `values` in place of the read ones, validated as if they had been read."""
+        return type(self).model_validate({**self.model_dump(), **values})
 
     @property
     def services_env_path(self) -> Path:

@@ -166,3 +166,29 @@ def test_up_restarts_a_killed_broker_and_postgres(tmp_path: Path):
     finally:
         code, _ = _stop_up(up)
     assert code == 0
+
+
+async def test_dlq_list_and_show_inspect_a_database_without_migrating_it(services, db):
+    """The read-only ops commands change nothing in the database they look at: an operator
+    pointing `dlq list` at the wrong database (or one not migrated yet) finds it as it was."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"bare_{secrets.token_hex(4)}"
+    await db.execute(f"CREATE DATABASE {name}")
+    parts = urlsplit(services.database_url)
+    bare = urlunsplit(parts._replace(path=f"/{name}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEXX_")}
+    env.update(CORTEXX_DATABASE_URL=bare, CORTEXX_KAFKA_BOOTSTRAP=services.kafka_bootstrap)
+    listed = _cortexx("dlq", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    shown = _cortexx("dlq", "show", "meta.webhooks.dlq:0:999999999", env=env)
+    assert "Traceback" not in shown.stderr, shown.stderr
+    import asyncpg
+
+    conn = await asyncpg.connect(bare)
+    try:
+        tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    assert tables == 0
