@@ -24,6 +24,7 @@ from asyncpg.transaction import Transaction
 
 from api.errors import DatabaseUnavailable
 from api.metrics import QUERY_SECONDS, SLOW_QUERIES
+from infra.db import DB_DOWN_ERRORS
 from infra.logging import get_logger
 
 if TYPE_CHECKING:
@@ -32,16 +33,6 @@ if TYPE_CHECKING:
 log = get_logger("api.db")
 
 T = TypeVar("T")
-
-# What a lost, refused or hung database looks like to asyncpg: a 503, not a 500.
-DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,13 +38,14 @@ async def get_service(request: Request) -> ApiService:
 Service = Annotated[ApiService, Depends(get_service)]
 
 
-def _connection(service: ApiService) -> AbstractAsyncContextManager[Db]:
+def connection(service: ApiService) -> AbstractAsyncContextManager[Db]:
+    """A pooled connection under the request's one database deadline (503 when it is down)."""
     settings = service.settings
     return request_db(service.pool, timeout_s=settings.api_db_timeout_s, slow_ms=settings.slow_query_ms)
 
 
 async def get_db(service: Service) -> AsyncIterator[Db]:
-    async with _connection(service) as db:
+    async with connection(service) as db:
         yield db
 
 
@@ -76,7 +77,7 @@ CurrentUser = Annotated[SessionUser, Depends(current_user)]
 async def scoped_db(request: Request, response: Response) -> AsyncIterator[ScopedDb]:
     """The request's connection, bound to the session user (checked on that same connection)."""
     service: ApiService = request.app.state.service
-    async with _connection(service) as db:
+    async with connection(service) as db:
         user = await current_user(request, response, db, service)
         yield ScopedDb(db, user)
 

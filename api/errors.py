@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import orjson
 from fastapi.responses import Response
+
+from schemas.errors import error_body
 
 
 class ApiError(Exception):
@@ -51,7 +52,7 @@ def error_response(
     status: int, code: str, detail: str, headers: Mapping[str, str] | None = None, **extra: object
 ) -> Response:
     return Response(
-        orjson.dumps({"error": code, "detail": detail, **extra}),
+        error_body(code, detail, **extra),
         status_code=status,
         media_type="application/json",
         headers=headers,

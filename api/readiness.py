@@ -21,10 +21,11 @@ import asyncpg
 import psutil
 from aiokafka.errors import KafkaError
 
-from api.db import DB_DOWN_ERRORS, Db
+from api.db import Db
 from api.errors import DatabaseUnavailable
 from api.metrics import CONSUMER_LAG, DEAD_LETTERS, READY
 from api.queries import BREAKERS, PING
+from infra.db import DB_DOWN_ERRORS
 from infra.logging import get_logger
 from infra.offsets import BrokerOffsets, OffsetsError
 from infra.settings import Settings

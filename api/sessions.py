@@ -28,13 +28,14 @@ from typing import Any
 import asyncpg
 from fastapi import Response
 
-from api.db import DB_DOWN_ERRORS, Db
+from api.db import Db
 from api.errors import DatabaseUnavailable
 from api.login_limits import LoginLimits
 from api.metrics import SESSIONS_PRUNED
 from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PRUNE
 from api.users import PasswordHashing, default_hashing_threads
 from infra.compare import same_secret
+from infra.db import DB_DOWN_ERRORS
 from infra.logging import get_logger
 from infra.secret_file import UnusableSecret, persisted_secret
 from infra.settings import Settings

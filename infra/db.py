@@ -8,6 +8,16 @@ import asyncpg
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+# What a lost, refused or hung database looks like to asyncpg: the caller's 503 or retry, never a 500.
+DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
 # A server starting up or recovering (after a crash) refuses connections for a few seconds.
 STARTING_ERRORS: tuple[type[BaseException], ...] = (asyncpg.CannotConnectNowError, ConnectionRefusedError)
 

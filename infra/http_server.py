@@ -22,7 +22,6 @@ import contextvars
 from collections.abc import Generator
 from typing import Any
 
-import orjson
 import uvicorn
 import uvloop
 from prometheus_client import Counter
@@ -32,6 +31,7 @@ from uvicorn.server import ServerState
 
 from infra.lifecycle import lifecycle
 from infra.logging import get_logger
+from schemas.errors import error_body
 
 log = get_logger("http")
 
@@ -153,7 +153,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def _timeout_answer(self, phase: str, timeout_s: float) -> bytes:
         detail = f"the request {phase} did not arrive within {timeout_s:g} s"
-        body = orjson.dumps({"error": "request_timeout", "detail": detail})
+        body = error_body("request_timeout", detail)
         content = [STATUS_LINE[408]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
@@ -248,7 +248,7 @@ class DrainingMiddleware:
             await self.app(scope, receive, send)
             return
         if self.draining:
-            body = orjson.dumps({"error": "shutting_down", "detail": "the server is draining; retry"})
+            body = error_body("shutting_down", "the server is draining; retry")
             await send(
                 {
                     "type": "http.response.start",

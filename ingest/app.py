@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from infra.compare import same_secret
-from infra.db import create_pool
+from infra.db import DB_DOWN_ERRORS, create_pool
 from infra.heap import tune_gc
 from infra.kafka import BrokerUnavailable, DurableProducer
 from infra.logging import get_logger
@@ -37,6 +37,7 @@ from infra.tenants import SLUG_RE, Tenant, get_tenant
 from infra.topics import META_WEBHOOKS, declare_in_background
 from ingest.envelope import Budget, OverBudget, split_envelope
 from ingest.tenant_cache import TenantCache
+from schemas.errors import error_body
 from schemas.meta import EnvelopeError, validate_envelope
 
 log = get_logger("ingest")
@@ -67,10 +68,6 @@ class IngestError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before its body arrived: there is no one to answer."""
-
-
-def error_body(code: str, detail: str) -> bytes:
-    return orjson.dumps({"error": code, "detail": detail})
 
 
 def error_response(status: int, code: str, detail: str) -> Response:
@@ -180,7 +177,7 @@ class IngestService:
             raise IngestError(503, "database_unavailable", "tenant store did not answer in time")
         try:
             return lookup.result()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (*DB_DOWN_ERRORS, asyncpg.PostgresError) as exc:
             raise IngestError(503, "database_unavailable", "tenant store unavailable") from exc
 
     def _lookup_done(self, slug: str, task: asyncio.Task[Tenant | None]) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from infra.logging import get_logger
 from schemas import wuzapi as contract
 from schemas.outbound import OutboundMessage
+from schemas.wuzapi import instance_name
 
 log = get_logger("processors.wuzapi")
 
@@ -95,11 +96,6 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - datetime.now(when.tzinfo)).total_seconds())
-
-
-def instance_name(token: str) -> str:
-    """A name for a WUZAPI instance that does not leak its token into logs and metrics."""
-    return f"wuzapi-{token[:4]}{'*' * 4}" if len(token) > 8 else "wuzapi-" + "*" * 4
 
 
 class _BreakerEvents(CircuitBreakerListener):  # type: ignore[misc]

@@ -50,3 +50,9 @@ def document_request(phone: str, document: str, filename: str, message_id: str) 
 def markread_request(ids: list[str], chat_phone: str) -> dict[str, Any]:
     # In a one-to-one chat the sender of the messages we mark read is the chat itself.
     return {"Id": ids, "ChatPhone": chat_phone, "SenderPhone": chat_phone}
+
+
+def instance_name(token: str) -> str:
+    """The name of a WUZAPI instance (its breaker, metrics, the console) that does not leak its
+    token into logs and metrics: the worker and the read API must agree on it."""
+    return f"wuzapi-{token[:4]}{'*' * 4}" if len(token) > 8 else "wuzapi-" + "*" * 4

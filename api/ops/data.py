@@ -46,6 +46,7 @@ from infra.logging import get_logger
 from infra.topics import WUZAPI_OUTBOUND
 from schemas.deadletter import FailureInfo
 from schemas.outbound import OutboundMessage, OutboundRecordError
+from schemas.wuzapi import instance_name
 
 log = get_logger("api.ops")
 
@@ -248,11 +249,6 @@ async def replay_events(db: Db, limit: int = 50) -> list[ReplayEventOut]:
 # Tenants.
 
 
-def breaker_instance(token: str) -> str:
-    """The worker's name for a WUZAPI instance (processors.wuzapi.instance_name: the same rule)."""
-    return f"wuzapi-{token[:4]}{'*' * 4}" if len(token) > 8 else "wuzapi-" + "*" * 4
-
-
 async def tenants(service: ApiService, db: Db, limit: int = 500) -> TenantsOut:
     rows = await db.fetch(TENANTS, limit)
     _, ready = await service.readiness.check()
@@ -261,7 +257,7 @@ async def tenants(service: ApiService, db: Db, limit: int = 500) -> TenantsOut:
     }
     items = []
     for r in rows:
-        instance = breaker_instance(r["wuzapi_token"] or service.settings.wuzapi_token)
+        instance = instance_name(r["wuzapi_token"] or service.settings.wuzapi_token)
         gap = float(r["usual_gap_s"]) if r["usual_gap_s"] is not None else None
         silent_s = float(r["silent_s"]) if r["silent_s"] is not None else None
         silent = (

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
-
 from fastapi import APIRouter, Request, Response, status
 
-from api.db import Db, request_db
-from api.deps import Conn, CurrentUser, Service
+from api.deps import Conn, CurrentUser, Service, connection
 from api.errors import ApiError, error_response
 from api.login_limits import LoginThrottled, address_bucket
 from api.metrics import LOGINS
 from api.models import CompanyOut, ErrorOut, LoginIn, SessionOut, UserOut
 from api.queries import USER_FOR_LOGIN, USER_LOGGED_IN
-from api.service import ApiService
 from api.sessions import SessionUser
 from api.users import HashingBusy
 from infra.logging import get_logger
@@ -47,11 +43,6 @@ def _busy(client: str) -> Response:
     return _retry_later(503, "login_busy", "too many logins at once; retry shortly", 1)
 
 
-def _connection(service: ApiService) -> AbstractAsyncContextManager[Db]:
-    settings = service.settings
-    return request_db(service.pool, timeout_s=settings.api_db_timeout_s, slow_ms=settings.slow_query_ms)
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -76,7 +67,7 @@ async def login(
         return _busy(client)  # refused before any query: a storm of logins costs the database nothing
     # No connection is held while the password is checked: logins queued for argon2 must not
     # take the pool's few connections from every other request.
-    async with _connection(service) as db:
+    async with connection(service) as db:
         try:
             await limits.admit(db, keys)
         except LoginThrottled as exc:
@@ -92,7 +83,7 @@ async def login(
     try:
         check = await sessions.password_hashing.check(row["password_hash"] if row else None, body.password)
     except HashingBusy:
-        async with _connection(service) as db:
+        async with connection(service) as db:
             await limits.give_back(db, keys)  # no password was checked: the attempt counts for nothing
         return _busy(client)
     if row is None or not check.ok or not row["is_active"]:
@@ -100,7 +91,7 @@ async def login(
         LOGINS.labels("refused").inc()
         log.info("session.login_refused", known_email=row is not None)
         raise ApiError(401, "invalid_credentials", "email or password is wrong")
-    async with _connection(service) as db:
+    async with connection(service) as db:
         await limits.succeeded(db, keys)
         await db.execute(USER_LOGGED_IN, row["id"], check.rehashed)
         sid = await sessions.create(

@@ -25,7 +25,9 @@ import pytest
 from tests.api.world import PASSWORD, Member, World, auth, session_cookie
 from tests.support import CortexxProcess, ServiceUrls, wait_until
 
-WINDOW_S = 5.0  # longer than the few failed checks a test makes (each ~0.1-0.5 s here)
+# Longer than the few failed checks a test makes (each ~0.1-0.5 s, seconds on a loaded 2-core
+# machine: at 5 s a window could end mid-test there and the limit with it).
+WINDOW_S = 15.0
 ACCOUNT_MAX = 3
 ADDRESS_MAX = 6
 HASH_THREADS = 1
@@ -246,7 +248,9 @@ async def test_a_login_storm_leaves_the_rest_of_the_api_fast(
     print(f"counts p95: {base_p95 * 1000:.1f} ms before, {storm_p95 * 1000:.1f} ms in the storm; {codes}")
     # The machine has 2 cores, shared with Postgres, the test and other jobs: a generous bound.
     # (Before the fix, the checks ran unbounded while each login held a pooled connection: 1.7 s.)
-    assert storm_p95 < 0.2, (base_p95, storm_p95)
+    # Generous for a shared 2-core machine (CI saw 217 ms once beside other runs); unbounded
+    # checks holding pooled connections measured 1,681 ms.
+    assert storm_p95 < 0.3, (base_p95, storm_p95)
     assert codes[401] > 0, codes  # passwords were checked all along
     assert set(codes) <= {401, 503}, codes
     assert busy, "16 guessers at once must overflow one thread and a queue of 4"
