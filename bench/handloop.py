@@ -3,9 +3,9 @@
 No Faust: `getmany` batches of up to `--batch` records, decoded, written in one transaction, the
 offsets committed after it. Two writers:
 
-- `store`: `processors.store.Store.apply` per record (the worker's former SQL, one round trip per
-  statement): what the worker did before its batch path;
-- `sets`: processors.batch_store.BatchStore (the worker's own batch path), a fixed number of
+- `store`: the worker's writer (processors.writer.RowWriter) applied record by record, a batch
+  of one each: the price of not batching (the worker's former per-record SQL is gone);
+- `sets`: the worker's writer over the whole batch, a fixed number of
   set-based statements per batch, with the next batch fetched and decoded while the database
   writes the previous one (one batch in flight, so offsets are still committed in order):
   the machine's ceiling.
@@ -30,9 +30,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.topics import META_WEBHOOKS
 from processors.autoreply import CompanyCache
-from processors.batch_store import BatchStore
-from processors.store import Store
+from processors.rows import to_rows
 from processors.webhooks import create_writer_pool
+from processors.writer import RowWriter, load_companies
 from schemas.records import WebhookRecord
 
 WRITERS = ("store", "sets")
@@ -68,12 +68,13 @@ async def run(
 
     async def write(records: list[WebhookRecord], offsets: dict[TopicPartition, int]) -> None:
         async with pool.acquire() as conn, conn.transaction():
+            known = await load_companies(conn, companies, records)
+            rows = RowWriter(conn)
             if writer == "sets":
-                await BatchStore(conn, companies).write(records)
+                await rows.apply(to_rows(records, known))
             else:
-                store = Store(conn, companies)
                 for record in records:
-                    await store.apply(record)
+                    await rows.apply(to_rows([record], known))
         await consumer.commit(offsets)
         emit(len(records))
 

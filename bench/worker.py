@@ -10,14 +10,14 @@ consumer reads the whole backlog in its own consumer group, on the same broker a
   record (bench/faust_bare.py): Faust's ceiling, the first with the issue's `take(2000)`, the
   second with the worker's own stream usage;
 - `faust-bare take(2000) uvloop`: the same on uvloop, as the worker runs;
-- `cortexx worker x1` and `x2`: the real worker process(es) (uvloop, `BatchStore`, writes
+- `cortexx worker x1` and `x2`: the real worker process(es) (uvloop, `processors.writer`, writes
   written while Faust fetches and buffers the next one), until every row is committed; and x1
   with writes overlapped with gathering the next batch, and on the asyncio loop, to price both
   settings;
-- `hand store`: aiokafka + asyncpg loop running the per-record SQL (processors.store.Store), what
-  the worker did before its batch path;
-- `hand sets`: the same loop with the worker's batch path (processors.batch_store) and overlapped
-  batches: the machine's ceiling without Faust.
+- `hand store`: aiokafka + asyncpg loop running the worker's writer record by record
+  (processors.writer, a batch of one each): the price of not batching;
+- `hand sets`: the same loop with the worker's writer over whole batches (processors.writer) and
+  overlapped batches: the machine's ceiling without Faust.
 
 The database is emptied before each writing run, and the rows each one leaves are compared.
 Rates are records/s from the first committed batch to the last (join and start-up excluded).

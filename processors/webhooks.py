@@ -1,11 +1,13 @@
 """The `webhooks` agent's work: a batch of `meta.webhooks` records into Postgres, once.
 
-A batch is written in one transaction, with a fixed number of set-based statements
-(`BatchStore`). If a record in it is poison (undecodable, or refused by the database for its
-content), the batch is redone record by record (`Store`) with a savepoint each, the poison ones
-go to `meta.webhooks.dlq` with their error, and the rest are written. A database that is down
-is not poison: the batch is retried with backoff until it succeeds or the worker stops, and
-nothing is acknowledged meanwhile.
+A batch is turned into rows (`processors.rows.to_rows`, which sets aside the records that can
+never be stored) and written in one transaction with a fixed number of set-based statements
+(`processors.writer.RowWriter`). If the database refuses the batch for its content, it is split
+in halves, each applied by the same writer under a savepoint, and the halves that fail again are
+split until the records it refuses alone are found. Poison records go to `meta.webhooks.dlq`
+with their error, and the rest are written. A database that is down is not poison: the batch is
+retried with backoff until it succeeds or the worker stops, and nothing is acknowledged
+meanwhile.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from infra.db import create_pool
 from infra.logging import get_logger
-from processors.autoreply import CompanyCache
-from processors.batch_store import BatchStore
+from processors.autoreply import Company, CompanyCache
 from processors.deadletter import letter_for
-from processors.store import BatchStats, PoisonRecord, Store
+from processors.rows import PoisonRecord, to_rows
+from processors.writer import BatchStats, RowWriter, load_companies
 from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
 from schemas.records import RecordError, WebhookRecord
@@ -107,7 +109,7 @@ class WebhookWriter:
                 await self._poison(raw, None, exc)
         if not decoded:
             return BatchStats()
-        store: Store | BatchStore | None = None
+        writer: RowWriter | None = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(initial=0.1, max=self.retry_max_s),
@@ -115,14 +117,14 @@ class WebhookWriter:
             reraise=True,
         ):
             with attempt:
-                store = await self._write_once(decoded)
-        assert store is not None  # AsyncRetrying either succeeded or re-raised
+                writer = await self._write_once(decoded)
+        assert writer is not None  # AsyncRetrying either succeeded or re-raised
         # Auto-replies leave only after their rows are committed, and before the batch is acked:
         # a crash in between redelivers the batch, which finds them pending and sends them again
         # under the same id.
-        if store.outbound:
-            await self.send_outbound(store.outbound)
-        return store.stats
+        if writer.outbound:
+            await self.send_outbound(writer.outbound)
+        return writer.stats
 
     def _log_retry(self, state: object) -> None:
         DB_RETRIES.inc()
@@ -130,36 +132,60 @@ class WebhookWriter:
         error = outcome.exception() if outcome is not None else None
         log.warning("webhooks.db_retry", error=repr(error))
 
-    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> Store | BatchStore:
+    async def _write_once(self, decoded: list[tuple[RawRecord, WebhookRecord]]) -> RowWriter:
+        records = [record for _, record in decoded]
         async with self.pool.acquire() as conn:
+            companies = await load_companies(conn, self.companies, records)
+            rows = to_rows(records, companies)
+            # Records that stand for nothing storable are poison before any statement runs.
+            poisoned: list[tuple[int, Exception]] = list(rows.poison)
+            writer = RowWriter(conn)
             try:
                 async with conn.transaction():
-                    batch = BatchStore(conn, self.companies)
-                    await batch.write([record for _, record in decoded])
-                PROCESSED.labels("stored").inc(len(decoded))
-                return batch
+                    await writer.apply(rows)
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                # Anything else (a poison record, or a shape the batch path did not expect) is
-                # settled by the per-record path below, which is the reference: it stores what
-                # can be stored and dead-letters only what it, too, refuses.
-                log.info("webhooks.batch_redone_per_record", records=len(decoded), error=repr(exc)[:300])
-            poisoned: list[tuple[RawRecord, WebhookRecord, Exception]] = []
-            async with conn.transaction():
-                store = Store(conn, self.companies)
-                for raw, record in decoded:
-                    try:
-                        async with conn.transaction():
-                            await store.apply(record)
-                    except Exception as record_exc:
-                        if not _is_poison(record_exc):
-                            raise
-                        poisoned.append((raw, record, record_exc))
-            PROCESSED.labels("stored").inc(len(decoded) - len(poisoned))
-        for raw, record, error in poisoned:
+                # Refused for its content: the records the database refuses alone are found by
+                # splitting the batch, and the rest is written.
+                log.info("webhooks.batch_bisected", records=len(records), error=repr(exc)[:300])
+                flagged = {index for index, _ in rows.poison}
+                clean = [index for index in range(len(records)) if index not in flagged]
+                writer = RowWriter(conn)
+                async with conn.transaction():
+                    await self._bisect(writer, records, companies, clean, exc, poisoned)
+            PROCESSED.labels("stored").inc(len(records) - len(poisoned))
+        for index, error in sorted(poisoned, key=lambda p: p[0]):
+            raw, record = decoded[index]
             await self._poison(raw, record.tenant, error)
-        return store
+        return writer
+
+    async def _bisect(
+        self,
+        writer: RowWriter,
+        records: list[WebhookRecord],
+        companies: dict[str, Company],
+        indices: list[int],
+        error: Exception,
+        poisoned: list[tuple[int, Exception]],
+    ) -> None:
+        """The records at `indices` failed together with `error`. One alone is poison (if the
+        error is about it, not an outage or a fault of ours); more are split in halves, each
+        applied under a savepoint and split again if it fails, in record order."""
+        if len(indices) == 1:
+            if not _is_poison(error):
+                raise error
+            poisoned.append((indices[0], error))
+            return
+        middle = len(indices) // 2
+        for half in (indices[:middle], indices[middle:]):
+            try:
+                async with writer.conn.transaction():
+                    await writer.apply(to_rows([records[i] for i in half], companies))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                await self._bisect(writer, records, companies, half, exc, poisoned)
 
     async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
         # A replayed record that is still poison keeps its attempts and history.

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("api")
 
 STATUSES = ("open", "pending", "closed")
 
-# The worker's statements (processors/store.py), copied: they must leave the counts right.
+# The worker's statements (processors/writer.py), copied: they must leave the counts right.
 UPSERT_CONVERSATION = """
 INSERT INTO conversations (company_id, contact_id, channel)
 VALUES ($1, $2, $3)
