@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Cortexx Stream: one image for every process (ingest, worker, api, migrate, dlq, simulate).
+# Cortexx Stream: one image for every process (ingest, worker, api, migrate, tenants, users, dlq).
 # Multi-stage: the build stage compiles wheels; the runtime stage holds only the venv, no compiler,
 # and runs as an unprivileged user. Build: docker build -t cortexx-stream .
 
@@ -17,7 +17,7 @@ COPY ingest ingest
 COPY processors processors
 COPY api api
 COPY cli cli
-COPY bench bench
+# harness/ (embedded services, the WUZAPI simulator) and bench/ stay out: development only.
 # Not editable: the runtime stage copies the venv alone, with the packages installed into it.
 RUN /opt/cortexx/bin/pip install .
 

@@ -27,8 +27,8 @@ from api.models import ErrorOut
 from api.ops import routes as ops
 from api.routes import conversations, health, notifications, sessions
 from api.service import ApiService
-from infra.logging import get_logger
-from infra.settings import Settings
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 
 log = get_logger("api")
 

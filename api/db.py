@@ -24,8 +24,8 @@ from asyncpg.transaction import Transaction
 
 from api.errors import DatabaseUnavailable
 from api.metrics import QUERY_SECONDS, SLOW_QUERIES
-from infra.db import DB_DOWN_ERRORS
-from infra.logging import get_logger
+from infra.postgres.db import DB_DOWN_ERRORS
+from infra.runtime.logging import get_logger
 
 if TYPE_CHECKING:
     from api.sessions import SessionUser

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from api.db import Db, Query
-from infra.settings import Settings
+from infra.runtime.settings import Settings
 
 Limit = Literal["account", "address"]
 PRUNE_BATCH = 1000

@@ -4,7 +4,7 @@ Each live check (Postgres, the broker, the WUZAPI breaker rows) is a `Probe`: at
 flight, awaited for at most the deadline, so a hung dependency costs /ready its deadline once,
 not a pile of stuck calls. Consumer lag and dead-letter depth need several broker round trips,
 so a background task refreshes them every `broker_probe_interval_s` through long-lived clients
-(infra.offsets), and /ready reports that snapshot with its age.
+(infra.kafka.offsets), and /ready reports that snapshot with its age.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ from api.db import Db
 from api.errors import DatabaseUnavailable
 from api.metrics import CONSUMER_LAG, DEAD_LETTERS, READY
 from api.queries import BREAKERS, PING
-from infra.db import DB_DOWN_ERRORS
-from infra.logging import get_logger
-from infra.offsets import BrokerOffsets, OffsetsError
-from infra.settings import Settings
-from infra.topics import ALL_TOPICS, META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
+from infra.kafka.offsets import BrokerOffsets, OffsetsError
+from infra.kafka.topics import (
+    ALL_TOPICS,
+    META_WEBHOOKS,
+    META_WEBHOOKS_DLQ,
+    WUZAPI_OUTBOUND,
+    WUZAPI_OUTBOUND_DLQ,
+)
+from infra.postgres.db import DB_DOWN_ERRORS
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 
 log = get_logger("api.ready")
 

@@ -15,11 +15,11 @@ from api.cursor import CursorCodec
 from api.ops.console import OpsConsole
 from api.readiness import Readiness
 from api.sessions import Sessions, derive_key, load_session_secret
-from infra.db import create_pool
-from infra.kafka import DurableProducer
-from infra.logging import get_logger
-from infra.settings import Settings
-from infra.topics import declare_in_background
+from infra.kafka.producer import DurableProducer
+from infra.kafka.topics import declare_in_background
+from infra.postgres.db import create_pool
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 
 log = get_logger("api")
 

@@ -34,11 +34,11 @@ from api.login_limits import LoginLimits
 from api.metrics import SESSIONS_PRUNED
 from api.queries import SESSION_CREATE, SESSION_DELETE, SESSION_LOAD, SESSION_PRUNE
 from api.users import PasswordHashing, default_hashing_threads
-from infra.compare import same_secret
-from infra.db import DB_DOWN_ERRORS
-from infra.logging import get_logger
-from infra.secret_file import UnusableSecret, persisted_secret
-from infra.settings import Settings
+from infra.postgres.db import DB_DOWN_ERRORS
+from infra.runtime.compare import same_secret
+from infra.runtime.logging import get_logger
+from infra.runtime.secret_file import UnusableSecret, persisted_secret
+from infra.runtime.settings import Settings
 
 log = get_logger("api.sessions")
 

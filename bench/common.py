@@ -32,11 +32,11 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from infra.db import connect
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from infra.migrate import migrate
-from infra.tenants import Tenant, upsert_tenant
-from infra.topics import declare_topics
+from harness.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from infra.kafka.topics import declare_topics
+from infra.postgres.db import connect
+from infra.postgres.migrate import migrate
+from infra.postgres.tenants import Tenant, upsert_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -410,7 +410,7 @@ ENTRY_FRAMES = (
     "(asyncio/runners.py)",
     "(asyncio/base_events.py)",
     "(asyncio/events.py)",
-    "(infra/http_server.py)",
+    "(infra/runtime/http_server.py)",
     "(mode/worker.py)",
     "(mode/threads.py)",
     "(threading.py)",

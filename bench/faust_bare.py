@@ -21,7 +21,7 @@ from typing import Any
 import faust
 import orjson
 
-from infra.topics import META_WEBHOOKS
+from infra.kafka.topics import META_WEBHOOKS
 from schemas.records import WebhookRecord
 
 MODES = ("take", "noack_take", "events")

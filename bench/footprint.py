@@ -39,9 +39,9 @@ from bench.common import (
     save_result,
     services,
 )
-from infra.embedded import free_port
-from infra.meta_samples import sign, wa_change, wa_envelope
-from infra.tenants import Tenant
+from harness.embedded import free_port
+from harness.meta_samples import sign, wa_change, wa_envelope
+from infra.postgres.tenants import Tenant
 
 TARGET_RSS_MB = 250.0
 TARGET_GROWTH_MB = 5.0

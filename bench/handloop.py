@@ -28,7 +28,7 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from infra.topics import META_WEBHOOKS
+from infra.kafka.topics import META_WEBHOOKS
 from processors.autoreply import CompanyCache
 from processors.rows import to_rows
 from processors.webhooks import create_writer_pool

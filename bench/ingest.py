@@ -60,9 +60,9 @@ from bench.common import (
     summarize_profile,
     tree_cpu_s,
 )
-from infra.embedded import free_port
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant
+from harness.embedded import free_port
+from harness.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.postgres.tenants import Tenant
 
 CONNECTIONS = (8, 32, 128)
 CHANGES = (1, 100)

@@ -42,10 +42,10 @@ from bench.common import (
 )
 from bench.ingest import bench_wamid, make_body
 from bench.worker import wait_settled
-from infra.db import connect
-from infra.embedded import free_port
-from infra.meta_samples import sign
-from infra.tenants import Tenant
+from harness.embedded import free_port
+from harness.meta_samples import sign
+from infra.postgres.db import connect
+from infra.postgres.tenants import Tenant
 
 SLUG = "bench-latency"
 TARGET_P99_MS = 1000.0

@@ -47,7 +47,7 @@ from bench.common import (
     services,
 )
 from bench.gen_read import generate
-from infra.embedded import free_port
+from harness.embedded import free_port
 
 PAGES = (1, 50, 500, 5000)
 PAGE_SIZE = 20

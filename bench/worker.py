@@ -3,7 +3,7 @@
 A seeded backlog of N mixed records (WhatsApp messages of every type and their statuses out of
 order, Messenger and Instagram messages, other fields, 10% redelivered envelopes; several
 companies with two agents each) is produced once, in ingest's record format
-(`ingest.envelope.split_envelope` over `infra.meta_samples.build_plan` envelopes). Then each
+(`ingest.envelope.split_envelope` over `harness.meta_samples.build_plan` envelopes). Then each
 consumer reads the whole backlog in its own consumer group, on the same broker and database:
 
 - `faust-bare take(2000)` and `faust-bare noack_take(500)`: a Faust agent that only decodes each
@@ -63,10 +63,10 @@ from bench.common import (
     summarize_profile,
     tree_cpu_s,
 )
-from infra.db import connect
-from infra.embedded import EmbeddedBroker
-from infra.meta_samples import build_plan
-from infra.topics import META_WEBHOOKS, declare_topics
+from harness.embedded import EmbeddedBroker
+from harness.meta_samples import build_plan
+from infra.kafka.topics import META_WEBHOOKS, declare_topics
+from infra.postgres.db import connect
 from ingest.envelope import split_envelope
 
 TENANTS = ("bench-a", "bench-b", "bench-c", "bench-d")

@@ -15,12 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
 
 from cli.services import need_url
-from infra.db import connect
-from infra.dlq import LetterFilter, ReplayError, StoredLetter, load_letters, replay
-from infra.kafka import DurableProducer
-from infra.logging import configure_logging
-from infra.migrate import migrate
-from infra.settings import Settings, get_settings
+from infra.kafka.producer import DurableProducer
+from infra.kafka.replay import LetterFilter, ReplayError, StoredLetter, load_letters, replay
+from infra.postgres.db import connect
+from infra.postgres.migrate import migrate
+from infra.runtime.logging import configure_logging
+from infra.runtime.settings import Settings, get_settings
 
 dlq_app = typer.Typer(help="List, inspect and replay dead letters.", no_args_is_help=True)
 console = Console()

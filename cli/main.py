@@ -8,11 +8,11 @@ import typer
 
 from cli.bench_commands import bench_app
 from cli.dlq import dlq_app
-from cli.services import process_settings
+from cli.services import harness, process_settings
 from cli.tenants import tenants_app
 from cli.users import users_app
-from infra.logging import configure_logging
-from infra.settings import Settings
+from infra.runtime.logging import configure_logging
+from infra.runtime.settings import Settings
 
 app = typer.Typer(
     name="cortexx",
@@ -29,12 +29,12 @@ def up(
     """Run the whole system: Postgres and Kafka (embedded unless URLs are set), migrations, topics,
     the WUZAPI simulator (unless CORTEXX_WUZAPI_URL is set), ingest, the worker and the read API,
     each supervised and restarted if it dies."""
+    embedded = harness("embedded", "cortexx up")
     from cli.up import run_up
-    from infra.embedded import KAFKA_PREREQUISITES, missing_kafka_prerequisites
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]  # up owns services.env
-    if not settings.kafka_bootstrap and missing_kafka_prerequisites():
-        typer.echo(f"cortexx up: {KAFKA_PREREQUISITES}", err=True)
+    if not settings.kafka_bootstrap and embedded.missing_kafka_prerequisites():
+        typer.echo(f"cortexx up: {embedded.KAFKA_PREREQUISITES}", err=True)
         raise typer.Exit(2)
     configure_logging(settings.log_level, process="up")
     if ingest_port is not None:
@@ -46,7 +46,7 @@ def up(
 def migrate() -> None:
     """Apply the database migrations not yet applied."""
     from cli.services import database
-    from infra.migrate import migrate as apply
+    from infra.postgres.migrate import migrate as apply
 
     settings = process_settings("migrate")
     with database(settings) as url:
@@ -60,7 +60,7 @@ def ingest(
 ) -> None:
     """Serve the Meta webhook endpoint."""
     from cli.services import need_url
-    from infra.http_server import serve_http
+    from infra.runtime.http_server import serve_http
     from ingest.app import create_app
 
     settings = process_settings("ingest")
@@ -111,8 +111,8 @@ def wuzapi_sim(
     ),
 ) -> None:
     """Run the WUZAPI simulator (faults switched at run time through /_sim/faults)."""
-    from infra.lifecycle import lifecycle
-    from infra.wuzapi_sim import serve
+    serve = harness("wuzapi_sim", "cortexx wuzapi-sim").serve
+    from infra.runtime.lifecycle import lifecycle
 
     if any_token and token:
         typer.echo(
@@ -153,6 +153,7 @@ def simulate(
     timeout: float = typer.Option(60.0, help="Seconds to wait for Postgres when verifying."),
 ) -> None:
     """Post a stream of realistic signed webhooks to a running ingest, then check Postgres."""
+    harness("meta_samples", "cortexx simulate")
     from cli.simulate import run_simulation
 
     settings = process_settings("simulate")
@@ -179,7 +180,7 @@ def api(
     from api.app import create_app
     from api.sessions import SessionSecretMissing
     from cli.services import need_url
-    from infra.http_server import serve_http
+    from infra.runtime.http_server import serve_http
 
     settings = process_settings("api")
     settings = settings.resolved(

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import typer
 
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres
-from infra.logging import configure_logging
-from infra.settings import Settings, get_settings
+from infra.runtime.logging import configure_logging
+from infra.runtime.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from harness.embedded import EmbeddedBroker, EmbeddedPostgres
+
+
+def harness(module: str, needed_for: str) -> ModuleType:
+    """A module of the development harness (embedded services, the WUZAPI simulator, Meta
+    samples), which the production image leaves out: without it, a clear exit 2, not a traceback."""
+    try:
+        return importlib.import_module(f"harness.{module}")
+    except ImportError:
+        typer.echo(
+            f"{needed_for} needs the development harness (pip install 'cortexx-stream[harness]'); "
+            "in production, set the service URLs (CORTEXX_DATABASE_URL, CORTEXX_KAFKA_BOOTSTRAP, "
+            "CORTEXX_WUZAPI_URL).",
+            err=True,
+        )
+        raise typer.Exit(2) from None
 
 
 @dataclass
@@ -52,7 +72,7 @@ def database(settings: Settings) -> Iterator[str]:
         return
     if not settings.uses_embedded:
         need_url(None, "CORTEXX_DATABASE_URL")
-    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    pg = harness("embedded", "an embedded Postgres").EmbeddedPostgres(settings.data_dir / "postgres")
     pg.start()
     try:
         yield pg.url
@@ -65,14 +85,14 @@ def start_services(settings: Settings) -> Services:
     services = Services(database_url=settings.database_url or "", kafka_bootstrap=None)
     try:
         if not settings.database_url:
-            pg = EmbeddedPostgres(settings.data_dir / "postgres")
+            pg = harness("embedded", "an embedded Postgres").EmbeddedPostgres(settings.data_dir / "postgres")
             pg.start()
             services.owned.append(pg)
             services.database_url = pg.url
         if settings.kafka_bootstrap:
             services.kafka_bootstrap = settings.kafka_bootstrap
         else:
-            broker = EmbeddedBroker(settings.data_dir / "broker")
+            broker = harness("embedded", "an embedded broker").EmbeddedBroker(settings.data_dir / "broker")
             broker.start()
             services.owned.append(broker)
             services.kafka_bootstrap = broker.bootstrap

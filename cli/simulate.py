@@ -16,11 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from cli.services import need_url
-from infra.db import connect
-from infra.meta_samples import SimulationPlan, build_plan, sign
-from infra.migrate import migrate
-from infra.settings import Settings
-from infra.tenants import Tenant, get_tenant, upsert_tenant
+from harness.meta_samples import SimulationPlan, build_plan, sign
+from infra.postgres.db import connect
+from infra.postgres.migrate import migrate
+from infra.postgres.tenants import Tenant, get_tenant, upsert_tenant
+from infra.runtime.settings import Settings
 
 console = Console(stderr=True)
 

@@ -20,9 +20,9 @@ def tenants_add(
 ) -> None:
     """Register a company, or update its secrets when it exists."""
     from cli.services import database
-    from infra.db import connect
-    from infra.migrate import migrate as apply
-    from infra.tenants import InvalidSlug, upsert_tenant
+    from infra.postgres.db import connect
+    from infra.postgres.migrate import migrate as apply
+    from infra.postgres.tenants import InvalidSlug, upsert_tenant
 
     settings = process_settings("tenants")
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import typer
 
 from cli.services import Services, start_services
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, mask_url
-from infra.lifecycle import lifecycle
-from infra.logging import get_logger
-from infra.migrate import migrate
-from infra.settings import Settings
-from infra.topics import declare_topics
+from harness.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError
+from infra.kafka.topics import declare_topics
+from infra.postgres.db import mask_url
+from infra.postgres.migrate import migrate
+from infra.runtime.lifecycle import lifecycle
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 
 log = get_logger("up")
 

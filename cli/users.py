@@ -29,8 +29,8 @@ def users_add(
     """Create a user of a company, or update their password, name and role."""
     from api.users import ROLES, UserError, add_user
     from cli.services import database
-    from infra.db import connect
-    from infra.migrate import migrate as apply
+    from infra.postgres.db import connect
+    from infra.postgres.migrate import migrate as apply
 
     settings = process_settings("users")
     if role not in ROLES:

@@ -27,14 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from infra.compare import same_secret
-from infra.db import DB_DOWN_ERRORS, create_pool
-from infra.heap import tune_gc
-from infra.kafka import BrokerUnavailable, DurableProducer
-from infra.logging import get_logger
-from infra.settings import Settings
-from infra.tenants import SLUG_RE, Tenant, get_tenant
-from infra.topics import META_WEBHOOKS, declare_in_background
+from infra.kafka.producer import BrokerUnavailable, DurableProducer
+from infra.kafka.topics import META_WEBHOOKS, declare_in_background
+from infra.postgres.db import DB_DOWN_ERRORS, create_pool
+from infra.postgres.tenants import SLUG_RE, Tenant, get_tenant
+from infra.runtime.compare import same_secret
+from infra.runtime.heap import tune_gc
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 from ingest.envelope import Budget, OverBudget, split_envelope
 from ingest.tenant_cache import TenantCache
 from schemas.errors import error_body

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter
 
-from infra.tenants import Tenant
+from infra.postgres.tenants import Tenant
+from infra.runtime.ttl_cache import TtlCache
 
 TENANT_CACHE = Counter("cortexx_ingest_tenant_cache_total", "Tenant lookups by cache result", ["result"])
 _HIT = TENANT_CACHE.labels("hit")
@@ -33,36 +32,21 @@ class TenantCache:
         max_size: int,
     ) -> None:
         self._load = load
-        self._ttl_s = ttl_s
         self._negative_ttl_s = negative_ttl_s
-        self._max_size = max_size
-        self._entries: OrderedDict[str, tuple[float, Tenant | None]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self._entries: TtlCache[str, Tenant | None] = TtlCache(ttl_s=ttl_s, max_size=max_size)
 
     async def get(self, slug: str) -> Tenant | None:
-        now = time.monotonic()
-        cached = self._entries.get(slug)
-        if cached is not None and cached[0] > now:
-            self.hits += 1
+        cached = self._entries.entry(slug)
+        if cached is not None and cached.fresh:
             _HIT.inc()
-            self._entries.move_to_end(slug)
-            return cached[1]
-        self.misses += 1
+            return cached.value
         _MISS.inc()
         try:
             tenant = await self._load(slug)
         except Exception:
-            if cached is not None and cached[1] is not None:
+            if cached is not None and cached.value is not None:
                 _STALE.inc()
-                return cached[1]
+                return cached.value
             raise
-        ttl = self._ttl_s if tenant is not None else self._negative_ttl_s
-        self._entries[slug] = (now + ttl, tenant)
-        self._entries.move_to_end(slug)
-        while len(self._entries) > self._max_size:
-            self._entries.popitem(last=False)
+        self._entries.put(slug, tenant, None if tenant is not None else self._negative_ttl_s)
         return tenant
-
-    def invalidate(self, slug: str) -> None:
-        self._entries.pop(slug, None)

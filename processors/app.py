@@ -18,14 +18,15 @@ import faust
 from faust.types import EventT
 from prometheus_client import start_http_server
 
-from infra.db import create_pool
-from infra.heap import tune_gc
-from infra.kafka import DurableProducer
-from infra.lifecycle import lifecycle
-from infra.logging import get_logger
-from infra.settings import Settings
-from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
-from processors.deadletter import DeadLetterWriter
+from infra.kafka.deadletters import DeadLetterWriter
+from infra.kafka.producer import BrokerUnavailable, DurableProducer
+from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
+from infra.postgres.db import create_pool
+from infra.runtime.heap import tune_gc
+from infra.runtime.lifecycle import lifecycle
+from infra.runtime.logging import get_logger
+from infra.runtime.retry import until_it_passes
+from infra.runtime.settings import Settings
 from processors.faust_stream import WorkerStream
 from processors.faust_transport import WorkerApp
 from processors.outbound import OutboundSender, TenantLanes
@@ -87,17 +88,14 @@ def create_app(settings: Settings) -> faust.App:
             await producer.stop()
 
     async def send_outbound(messages: list[OutboundMessage]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await producer.send_all(
-                    WUZAPI_OUTBOUND, [(m.key, m.to_bytes()) for m in messages], timeout_s=10
-                )
-                return
-            except Exception as exc:  # BrokerUnavailable: wait for the broker, drop nothing
-                log.warning("outbound.produce_retry", error=str(exc), records=len(messages))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # Wait for the broker, drop nothing: the batch is acknowledged only after this returns.
+        records = [(m.key, m.to_bytes()) for m in messages]
+        await until_it_passes(
+            lambda: producer.send_all(WUZAPI_OUTBOUND, records, timeout_s=10),
+            retry_if=lambda exc: isinstance(exc, BrokerUnavailable),
+            event="outbound.produce_retry",
+            records=len(messages),
+        )
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:

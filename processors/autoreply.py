@@ -7,11 +7,12 @@ arrives outside business hours, once per local day. The store writes one `auto_r
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from infra.runtime.ttl_cache import TtlCache
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -32,17 +33,13 @@ class CompanyCache:
     """Company settings by slug, refreshed after `ttl_s` so a changed setting is picked up."""
 
     def __init__(self, ttl_s: float = 30.0) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, Company]] = {}
+        self._entries: TtlCache[str, Company] = TtlCache(ttl_s=ttl_s)
 
     def get(self, slug: str) -> Company | None:
-        entry = self._entries.get(slug)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
+        return self._entries.get(slug)
 
     def put(self, company: Company) -> None:
-        self._entries[company.slug] = (time.monotonic() + self.ttl_s, company)
+        self._entries.put(company.slug, company)
 
 
 def _zone(name: str) -> ZoneInfo:

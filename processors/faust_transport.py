@@ -19,7 +19,7 @@ import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types.transports import TransportT
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger("processors.faust_transport")
 

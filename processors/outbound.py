@@ -15,7 +15,6 @@ waiting on a broken WUZAPI instance does not hold up the others, and a tenant's 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,13 @@ from prometheus_client import Counter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from infra.logging import get_logger
-from infra.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
-from processors.deadletter import DeadLetterWriter, Prior, letter_for, prior_of
-from processors.webhooks import RawRecord, is_transient
+from infra.kafka.deadletters import DeadLetterWriter, Prior, letter_for, prior_of
+from infra.kafka.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
+from infra.postgres.db import is_transient
+from infra.runtime.logging import get_logger
+from infra.runtime.retry import until_it_passes
+from infra.runtime.ttl_cache import TtlCache
+from processors.webhooks import RawRecord
 from processors.wuzapi import BreakerOpen, WuzapiClient, WuzapiPermanent, WuzapiTransient
 from schemas.outbound import OutboundMessage, OutboundRecordError
 
@@ -83,7 +85,6 @@ class TenantConfig:
     limiter: AsyncLimiter
     rate: float
     burst: int
-    loaded_at: float
 
 
 class OutboundSender:
@@ -106,13 +107,13 @@ class OutboundSender:
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self.config_ttl_s = config_ttl_s
-        self._configs: dict[int, TenantConfig] = {}
+        self._configs: TtlCache[int, TenantConfig] = TtlCache(ttl_s=config_ttl_s)
 
     async def _config(self, company_id: int) -> TenantConfig:
-        config = self._configs.get(company_id)
-        if config is not None and time.monotonic() - config.loaded_at < self.config_ttl_s:
-            return config
+        entry = self._configs.entry(company_id)
+        if entry is not None and entry.fresh:
+            return entry.value
+        config = entry.value if entry is not None else None
         row = await self.pool.fetchrow(COMPANY_OUTBOUND, company_id)
         token = (row["wuzapi_token"] if row else None) or self.default_token
         rate = float(row["rate_limit_per_s"]) if row else 20.0
@@ -122,22 +123,18 @@ class OutboundSender:
         else:
             # A bucket of `burst` tokens refilled at `rate` per second.
             limiter = AsyncLimiter(burst, burst / rate)
-        config = TenantConfig(token, limiter, rate, burst, time.monotonic())
-        self._configs[company_id] = config
+        config = TenantConfig(token, limiter, rate, burst)
+        self._configs.put(company_id, config)
         return config
 
     async def _db(self, query: str, *args: Any) -> Any:
         """A write that must happen: a database outage is retried until it passes."""
-        delay = 0.1
-        while True:
-            try:
-                return await self.pool.fetchrow(query, *args)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("outbound.db_retry", error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await until_it_passes(
+            lambda: self.pool.fetchrow(query, *args),
+            retry_if=is_transient,
+            event="outbound.db_retry",
+            initial_s=0.1,
+        )
 
     async def handle(self, raw: RawRecord) -> None:
         prior = prior_of(raw.headers)

@@ -19,10 +19,10 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from infra.db import create_pool
-from infra.logging import get_logger
+from infra.kafka.deadletters import letter_for
+from infra.postgres.db import create_pool, is_transient
+from infra.runtime.logging import get_logger
 from processors.autoreply import Company, CompanyCache
-from processors.deadletter import letter_for
 from processors.rows import PoisonRecord, to_rows
 from processors.writer import BatchStats, RowWriter, load_companies
 from schemas.deadletter import DeadLetter
@@ -61,22 +61,6 @@ class RawRecord(NamedTuple):
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A database outage or a conflict that a retry cures, as opposed to a poison record."""
-    return isinstance(
-        exc,
-        OSError
-        | TimeoutError
-        | asyncpg.InterfaceError
-        | asyncpg.PostgresConnectionError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.AdminShutdownError
-        | asyncpg.TooManyConnectionsError
-        | asyncpg.SerializationError
-        | asyncpg.DeadlockDetectedError,
-    )
 
 
 def _is_poison(exc: BaseException) -> bool:

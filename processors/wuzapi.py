@@ -1,7 +1,7 @@
 """The WUZAPI client: one HTTP call per attempt, with its own timeouts, classified failures and a
 circuit breaker per WUZAPI instance (token).
 
-What a reply means (DESIGN.md, from WUZAPI's handlers): a timeout, a connection error, a 5xx or a
+What a reply means (from WUZAPI's handlers): a timeout, a connection error, a 5xx or a
 429 is transient (retried, and counted by the breaker); 401 is our configuration (permanent, with
 an alert); any other 4xx is permanent. Retrying and waiting are the caller's (processors.outbound):
 this module makes one attempt and says what happened.
@@ -26,7 +26,7 @@ import orjson
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener, CircuitBreakerState
 from prometheus_client import Counter, Gauge, Histogram
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 from schemas import wuzapi as contract
 from schemas.outbound import OutboundMessage
 from schemas.wuzapi import instance_name

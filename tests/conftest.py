@@ -13,16 +13,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from infra.db import connect
-from infra.embedded import (
+from harness.embedded import (
     KAFKA_PREREQUISITES,
     EmbeddedBroker,
     EmbeddedPostgres,
     missing_kafka_prerequisites,
 )
-from infra.migrate import migrate
-from infra.tenants import Tenant, upsert_tenant
-from infra.topics import declare_topics
+from infra.kafka.topics import declare_topics
+from infra.postgres.db import connect
+from infra.postgres.migrate import migrate
+from infra.postgres.tenants import Tenant, upsert_tenant
 from tests.containers import NoDockerEngine, docker_answers, kafka_and_postgres
 from tests.support import CortexxProcess, ServiceUrls, Simulator
 

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from infra.embedded import free_port, kafka_version
+from harness.embedded import free_port, kafka_version
 
 # The same Apache Kafka as the embedded broker and infra/compose.yaml (tests/test_kafka_version.py).
 KAFKA_IMAGE = f"apache/kafka:{kafka_version()}"

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
-from infra import offsets
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from infra.meta_samples import sign
-from infra.tenants import Tenant
+from harness.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from harness.meta_samples import sign
+from infra.kafka import offsets
+from infra.postgres.tenants import Tenant
 
 T = TypeVar("T")
 
@@ -209,7 +209,7 @@ async def post_signed(
 
 async def started_broker(data_dir: Path, *, partitions: int = 4) -> EmbeddedBroker:
     """A broker of a test's own, its topics declared as `cortexx up` declares them."""
-    from infra.topics import declare_topics
+    from infra.kafka.topics import declare_topics
 
     broker = EmbeddedBroker(data_dir)
     await asyncio.to_thread(broker.start)

@@ -1,6 +1,6 @@
 """The worker's writer (processors/writer.py, over processors/rows.py) against real Postgres.
 
-A realistic seeded stream (`infra.meta_samples.build_plan`: every WhatsApp message type, statuses
+A realistic seeded stream (`harness.meta_samples.build_plan`: every WhatsApp message type, statuses
 out of order, Messenger and Instagram, other fields, redelivered envelopes) plus what it lacks
 (Messenger echoes with delivery and read receipts, an unranked status, an errors-only change, a
 status naming an inbound message, a profile name that is not a string) is written in random
@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import pytest
 
-from infra.meta_samples import (
+from harness.meta_samples import (
     SimulationPlan,
     build_plan,
     messenger_envelope,
@@ -32,8 +32,8 @@ from infra.meta_samples import (
     wa_message,
     wa_status,
 )
-from infra.tenants import Tenant, upsert_tenant
-from infra.topics import META_WEBHOOKS
+from infra.kafka.topics import META_WEBHOOKS
+from infra.postgres.tenants import Tenant, upsert_tenant
 from ingest.envelope import split_envelope
 from processors import webhooks
 from processors.autoreply import CompanyCache

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from infra.embedded import free_port
+from harness.embedded import free_port
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:

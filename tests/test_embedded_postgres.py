@@ -23,7 +23,7 @@ import pytest
 
 from cli.services import Services
 from cli.up import _write_services_env
-from infra.embedded import (
+from harness.embedded import (
     PG_HBA,
     PG_PASSWORD_FILE,
     PG_SYSTEM_USER,
@@ -31,7 +31,7 @@ from infra.embedded import (
     free_port,
     mask_url,
 )
-from infra.settings import Settings
+from infra.runtime.settings import Settings
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the server changes user only when we are root")
 

@@ -13,11 +13,11 @@ import psutil
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from infra.kafka import partition_index
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
-from infra.offsets import BrokerOffsets
-from infra.tenants import Tenant
-from infra.topics import META_WEBHOOKS
+from harness.meta_samples import sign, wa_change, wa_envelope, wa_message, wa_other_change
+from infra.kafka.offsets import BrokerOffsets
+from infra.kafka.producer import partition_index
+from infra.kafka.topics import META_WEBHOOKS
+from infra.postgres.tenants import Tenant
 from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic
 
 pytestmark = pytest.mark.usefixtures("ingest")
@@ -331,7 +331,7 @@ async def test_one_post_cannot_multiply_into_more_than_its_budget(
 
 async def test_broker_unreachable_answers_503_never_200(client, services: ServiceUrls, tenant: Tenant):
     # An ingest whose broker address answers nothing: Meta must be told to retry.
-    from infra.embedded import free_port
+    from harness.embedded import free_port
 
     dead = CortexxProcess.ingest(services, bootstrap=f"127.0.0.1:{free_port()}", produce_timeout_s=1.0)
     dead.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from infra.embedded import kafka_version
+from harness.embedded import kafka_version
 from tests.containers import KAFKA_IMAGE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from infra.meta_samples import wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant, upsert_tenant
-from infra.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
+from harness.meta_samples import wa_change, wa_envelope, wa_message
+from infra.kafka.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
+from infra.postgres.tenants import Tenant, upsert_tenant
 from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
 from tests.support import (

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from infra.meta_samples import (
+from harness.meta_samples import (
     MESSAGE_TYPES,
     messenger_envelope,
     messenger_message,
@@ -22,8 +22,8 @@ from infra.meta_samples import (
     wa_other_change,
     wa_status,
 )
-from infra.tenants import Tenant
-from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ
+from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ
+from infra.postgres.tenants import Tenant
 from schemas.deadletter import DeadLetter
 from tests.faults.load import run_load
 from tests.support import CortexxProcess, ServiceUrls, post_signed, read_topic, started_broker, wait_until

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from infra.db import create_pool
+from infra.postgres.db import create_pool
 from processors.webhooks import create_writer_pool
 from tests.support import ServiceUrls
 

@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from infra.embedded import free_port
-from infra.wuzapi_sim import WuzapiSimulator
+from harness.embedded import free_port
+from harness.wuzapi_sim import WuzapiSimulator
 from schemas.wuzapi import TOKEN_HEADER, text_request
 from tests.support import CortexxProcess, ServiceUrls, Simulator, wait_until
 

@@ -22,8 +22,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.readiness import BrokerSnapshot
-from infra.logging import get_logger
-from infra.settings import Settings
+from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 
 log = get_logger("api.ops")
 

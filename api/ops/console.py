@@ -10,9 +10,9 @@ from collections.abc import Callable
 from api.ops.collector import OpsCollector
 from api.readiness import BrokerSnapshot
 from api.sessions import derive_key
-from infra.compare import same_secret
-from infra.dlq import DeadLetterReader
-from infra.settings import Settings
+from infra.kafka.replay import DeadLetterReader
+from infra.runtime.compare import same_secret
+from infra.runtime.settings import Settings
 
 
 class OpsConsole:

@@ -2,7 +2,7 @@
 dead-letter topics. The routes (HTML and JSON) both call these, so the page never shows a number
 that the JSON API does not have.
 
-Dead letters are read and replayed with `infra.dlq`, the same code as `cortexx dlq`:
+Dead letters are read and replayed with `infra.kafka.replay`, the same code as `cortexx dlq`:
 the one place the API leans on the processors package, so that the console and the CLI can never
 disagree about what a replay is.
 """
@@ -41,9 +41,9 @@ from api.ops.models import (
 from api.ops.queries import MESSAGE_STATUS, REPLAY_EVENTS, REPLAY_EVENTS_OF, TENANTS
 from api.service import ApiService
 from api.sessions import SessionUser
-from infra.dlq import LetterFilter, ReplayError, StoredLetter, replay
-from infra.logging import get_logger
-from infra.topics import WUZAPI_OUTBOUND
+from infra.kafka.replay import LetterFilter, ReplayError, StoredLetter, replay
+from infra.kafka.topics import WUZAPI_OUTBOUND
+from infra.runtime.logging import get_logger
 from schemas.deadletter import FailureInfo
 from schemas.outbound import OutboundMessage, OutboundRecordError
 from schemas.wuzapi import instance_name

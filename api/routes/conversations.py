@@ -36,9 +36,9 @@ from api.queries import (
     REPLY_TARGET,
 )
 from api.responses import json_response
-from infra.kafka import BrokerUnavailable
-from infra.logging import get_logger
-from infra.topics import WUZAPI_OUTBOUND
+from infra.kafka.producer import BrokerUnavailable
+from infra.kafka.topics import WUZAPI_OUTBOUND
+from infra.runtime.logging import get_logger
 from schemas.outbound import OutboundMessage
 
 log = get_logger("api.conversations")

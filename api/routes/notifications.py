@@ -18,7 +18,7 @@ from api.queries import (
     UNREAD_NOTIFICATIONS,
 )
 from api.responses import json_response
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger("api.notifications")
 

@@ -12,7 +12,7 @@ from api.models import CompanyOut, ErrorOut, LoginIn, SessionOut, UserOut
 from api.queries import USER_FOR_LOGIN, USER_LOGGED_IN
 from api.sessions import SessionUser
 from api.users import HashingBusy
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger("api.sessions")
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from infra.embedded import EmbeddedBroker
-from infra.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, declare_topics
+from harness.embedded import EmbeddedBroker
+from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, declare_topics
 from tests.api.world import World, auth, login
 from tests.support import CortexxProcess, ServiceUrls, wait_until
 

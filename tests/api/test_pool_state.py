@@ -8,7 +8,7 @@ import re
 from api import queries
 from api.db import CompanyQuery, Query, UserQuery
 from api.ops import queries as ops_queries
-from infra import dlq
+from infra.kafka import replay as dlq
 
 _SESSION_STATE = re.compile(
     r"\A\s*(SET|RESET|LISTEN|DECLARE|PREPARE|LOAD|DISCARD)\b|\bset_config\s*\(|\bpg_(try_)?advisory_lock",
@@ -23,7 +23,7 @@ def test_no_statement_leaves_session_state_on_a_pooled_connection():
         for value in vars(module).values()
         if isinstance(value, Query | CompanyQuery | UserQuery)
     ]
-    # The console's replays run infra/dlq.py's statements on the API's pool too.
+    # The console's replays run infra/kafka/replay.py's statements on the API's pool too.
     statements += [Query(name, getattr(dlq, name)) for name in ("REPLAYED", "RECORD_REPLAY")]
     assert len(statements) > 20
     for statement in statements:

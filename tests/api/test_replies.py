@@ -8,7 +8,7 @@ import asyncpg
 import httpx
 import pytest
 
-from infra.topics import WUZAPI_OUTBOUND
+from infra.kafka.topics import WUZAPI_OUTBOUND
 from schemas.outbound import OutboundMessage
 from tests.api.world import World, auth, login
 from tests.support import CortexxProcess, ServiceUrls, read_topic

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 
 from api.users import hash_password
-from infra.tenants import Tenant, upsert_tenant
+from infra.postgres.tenants import Tenant, upsert_tenant
 from tests.support import CortexxProcess
 
 PASSWORD = "correct horse battery staple"

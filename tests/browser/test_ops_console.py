@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from infra.tenants import Tenant
+from infra.postgres.tenants import Tenant
 from schemas.outbound import gateway_message_id
 from tests.api.world import PASSWORD, add_member, auth, login
 from tests.support import CortexxProcess, Simulator, wait_until

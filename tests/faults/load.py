@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant
+from harness.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.postgres.tenants import Tenant
 
 
 def webhook(sender: str, n: int) -> tuple[bytes, str]:

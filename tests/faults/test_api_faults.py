@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import psutil
 
-from infra.embedded import free_port
+from harness.embedded import free_port
 from tests.api.world import auth, login, new_company
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls, Simulator, http_ok, wait_until

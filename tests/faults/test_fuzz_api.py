@@ -10,7 +10,7 @@ import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from infra.db import connect
+from infra.postgres.db import connect
 from tests.api.world import COOKIE, PASSWORD, new_company, session_cookie
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls

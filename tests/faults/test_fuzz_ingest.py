@@ -13,9 +13,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.meta_samples import sign
-from infra.tenants import Tenant
-from infra.topics import META_WEBHOOKS
+from harness.meta_samples import sign
+from infra.kafka.topics import META_WEBHOOKS
+from infra.postgres.tenants import Tenant
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls, read_topic
 

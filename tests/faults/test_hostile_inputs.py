@@ -17,8 +17,8 @@ import httpx
 import orjson
 import pytest
 
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant
+from harness.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.postgres.tenants import Tenant
 from tests.api.world import PASSWORD, Company, auth, login, new_company
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls

@@ -12,8 +12,8 @@ import sys
 import orjson
 import pytest
 
-from infra.tenants import Tenant
-from infra.topics import META_WEBHOOKS
+from infra.kafka.topics import META_WEBHOOKS
+from infra.postgres.tenants import Tenant
 from tests.faults.load import run_load
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls, http_ok, read_topic, started_broker, wait_until
@@ -154,7 +154,7 @@ async def test_postgres_stalled_ingest_answers_in_time_and_keeps_known_companies
 
     import httpx
 
-    from infra.tenants import upsert_tenant
+    from infra.postgres.tenants import upsert_tenant
     from tests.faults.load import webhook
     from tests.support import post_signed
 

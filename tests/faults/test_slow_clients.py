@@ -14,8 +14,8 @@ import httpx
 import orjson
 import pytest
 
-from infra.meta_samples import sign, wa_change, wa_envelope, wa_message
-from infra.tenants import Tenant
+from harness.meta_samples import sign, wa_change, wa_envelope, wa_message
+from infra.postgres.tenants import Tenant
 from tests.faults.report import record
 from tests.support import CortexxProcess, ServiceUrls, metric, post_signed
 

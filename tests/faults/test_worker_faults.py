@@ -15,8 +15,8 @@ import asyncpg
 import httpx
 import pytest
 
-from infra.embedded import EmbeddedBroker, EmbeddedPostgres
-from infra.tenants import Tenant
+from harness.embedded import EmbeddedBroker, EmbeddedPostgres
+from infra.postgres.tenants import Tenant
 from tests.api.world import auth, login, new_company
 from tests.faults.load import LoadResult, run_load
 from tests.faults.report import record
@@ -152,7 +152,7 @@ async def test_postgres_stopped_10s_mid_stream_worker_resumes_by_itself(
     finally:
         services.postgres.start()
     await wait_until(lambda: _api_back(api, cookie), timeout_s=30, what="the API answering 200 again")
-    from infra.db import connect
+    from infra.postgres.db import connect
 
     conn = await connect(services.database_url)
     try:
@@ -222,8 +222,8 @@ def test_worker_stops_by_its_deadline_when_postgres_and_the_broker_are_gone(
 ) -> None:
     """A SIGTERM while both services are gone: Faust's graceful stop waits on them, forever if
     let; the stop deadline ends the process anyway, so no operator needs kill -9."""
-    from infra.migrate import migrate
-    from infra.topics import declare_topics
+    from infra.kafka.topics import declare_topics
+    from infra.postgres.migrate import migrate
 
     postgres = EmbeddedPostgres(tmp_path / "postgres", fsync=False)
     broker = EmbeddedBroker(tmp_path / "broker")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from infra.meta_samples import (
+from harness.meta_samples import (
     MESSAGE_TYPES,
     messenger_envelope,
     messenger_message,

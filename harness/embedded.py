@@ -29,12 +29,13 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import IO, NamedTuple
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import psutil
 
-from infra.logging import get_logger
-from infra.secret_file import UnusableSecret, persisted_secret
+from infra.postgres.db import mask_url
+from infra.runtime.logging import get_logger
+from infra.runtime.secret_file import UnusableSecret, persisted_secret
 
 log = get_logger(__name__)
 
@@ -49,7 +50,7 @@ PG_PASSWORD_FILE = "postgres.password"
 # any other content (an older cluster's `trust`, a hand edit, a start cut short) has the
 # password set again first.
 PG_HBA = """\
-# Written by Cortexx (infra/embedded.py): every connection proves the password.
+# Written by Cortexx (harness/embedded.py): every connection proves the password.
 # TYPE  DATABASE        USER            ADDRESS                 METHOD
 local   all             all                                     scram-sha-256
 host    all             all             127.0.0.1/32            scram-sha-256
@@ -89,16 +90,6 @@ def _open_for_others(path: Path, *, executable: bool = True) -> None:
         wanted |= stat.S_IXGRP | stat.S_IXOTH
     if wanted != mode:
         path.chmod(wanted)
-
-
-def mask_url(url: str) -> str:
-    """`url` with its password (if any) shown as `***`: what logs and the console may print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _cluster_id() -> str:
@@ -541,7 +532,7 @@ def kafka_jars(cache_dir: Path | None = None, pom: Path = KAFKA_PROJECT) -> Path
 
 
 # The broker's own settings. Topic settings (partitions, replication, retention) are declared
-# with the topics, in infra/topics.py; these are the node's.
+# with the topics, in infra/kafka/topics.py; these are the node's.
 _SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1

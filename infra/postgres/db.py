@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -17,6 +18,19 @@ DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+
+# What a retry cures besides an outage: a conflict between concurrent writers.
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database outage or a conflict that a retry cures, as opposed to a poison record."""
+    return isinstance(exc, DB_DOWN_ERRORS + CONFLICT_ERRORS)
+
 
 # A server starting up or recovering (after a crash) refuses connections for a few seconds.
 STARTING_ERRORS: tuple[type[BaseException], ...] = (asyncpg.CannotConnectNowError, ConnectionRefusedError)
@@ -53,3 +67,13 @@ async def connect(url: str, *, wait_s: float = 0.0) -> asyncpg.Connection:
     assert conn is not None
     await _init_connection(conn)
     return conn
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (if any) shown as `***`: what logs and the console may print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))

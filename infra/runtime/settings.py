@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     api_login_hash_threads: int | None = Field(default=None, ge=1)
     api_login_hash_queue_max: int = Field(default=8, ge=0)
 
-    # Both HTTP edges (ingest, the read API): slow clients are cut off (infra/http_server.py).
+    # Both HTTP edges (ingest, the read API): slow clients are cut off (infra/runtime/http_server.py).
     # A request's headers must arrive within this (from connect, or from their first byte after a
     # keep-alive wait), else 408 and the connection closed; Meta sends them at once.
     http_header_timeout_s: float = Field(default=10.0, gt=0)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger("lifecycle")
 

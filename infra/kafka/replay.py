@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from infra import offsets
-from infra.kafka import DurableProducer
-from infra.logging import get_logger
-from infra.offsets import OffsetsError, PartitionReset
-from infra.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
+from infra.kafka import offsets
+from infra.kafka.offsets import OffsetsError, PartitionReset
+from infra.kafka.producer import DurableProducer
+from infra.kafka.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
+from infra.runtime.logging import get_logger
 from schemas.deadletter import DeadLetter, replay_headers
 
-log = get_logger("infra.dlq")
+log = get_logger("infra.kafka.replay")
 
 DLQ_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
 

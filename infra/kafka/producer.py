@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

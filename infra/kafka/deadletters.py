@@ -7,18 +7,18 @@ continues that history instead of starting over.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
 import orjson
 from prometheus_client import Counter
 
-from infra.kafka import BrokerUnavailable, DurableProducer
-from infra.logging import get_logger
+from infra.kafka.producer import BrokerUnavailable, DurableProducer
+from infra.runtime.logging import get_logger
+from infra.runtime.retry import until_it_passes
 from schemas.deadletter import HEADER_ATTEMPTS, HEADER_HISTORY, HEADER_REPLAY_OF, DeadLetter, FailureInfo
 
-log = get_logger("processors.deadletter")
+log = get_logger("infra.kafka.deadletters")
 
 DEAD_LETTERS = Counter("cortexx_dead_letters_total", "Records sent to a dead-letter topic", ["topic"])
 
@@ -105,13 +105,11 @@ class DeadLetterWriter:
         self.producer = producer
 
     async def write(self, topic: str, letter: DeadLetter) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self.producer.send_all(topic, [(letter.key, letter.to_bytes())], timeout_s=10)
-                DEAD_LETTERS.labels(topic).inc()
-                return
-            except BrokerUnavailable as exc:
-                log.warning("deadletter.retry", topic=topic, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        records = [(letter.key, letter.to_bytes())]
+        await until_it_passes(
+            lambda: self.producer.send_all(topic, records, timeout_s=10),
+            retry_if=lambda exc: isinstance(exc, BrokerUnavailable),
+            event="deadletter.retry",
+            topic=topic,
+        )
+        DEAD_LETTERS.labels(topic).inc()

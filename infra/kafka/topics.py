@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -29,8 +29,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from infra.lifecycle import lifecycle
-from infra.logging import get_logger
+from infra.runtime.lifecycle import lifecycle
+from infra.runtime.logging import get_logger
 from schemas.errors import error_body
 
 log = get_logger("http")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from infra.db import connect
-from infra.logging import get_logger
+from infra.postgres.db import connect
+from infra.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 
 def migration_files() -> list[tuple[str, str]]:
-    folder = resources.files("infra") / "migrations"
+    folder = resources.files("infra.postgres") / "migrations"
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
 

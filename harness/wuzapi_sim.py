@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
-from infra.logging import get_logger
+from infra.runtime.logging import get_logger
 from schemas.wuzapi import (
     MARK_READ,
     NO_SESSION,

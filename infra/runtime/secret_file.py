@@ -1,7 +1,7 @@
 """A random secret generated once into a file that only its owner may read, and read after.
 
 Development's stand-in for a secret store: the session key (api/sessions.py) and the embedded
-Postgres password (infra/embedded.py) are made this way, so they survive restarts unseen.
+Postgres password (harness/embedded.py) are made this way, so they survive restarts unseen.
 """
 
 from __future__ import annotations

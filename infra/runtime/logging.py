@@ -79,7 +79,7 @@ class ResilientStreamHandler(logging.Handler):
                 self.stream = open(candidate, "a", encoding="utf-8")  # noqa: SIM115 - kept open
             except OSError:
                 continue
-        from infra.lifecycle import lifecycle
+        from infra.runtime.lifecycle import lifecycle
 
         lifecycle.request_stop("log stream closed (EPIPE)")
 
