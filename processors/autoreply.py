@@ -49,16 +49,42 @@ def _zone(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
+def _minutes(value: object) -> int | None:
+    """'HH:MM' (or 'H:MM') as minutes since midnight, '24:00' included; None if it is not one."""
+    hours, sep, minutes = str(value).partition(":")
+    if not sep or not hours.isdigit() or not minutes.isdigit() or len(minutes) != 2:
+        return None
+    total = int(hours) * 60 + int(minutes)
+    return total if int(minutes) < 60 and total <= 24 * 60 else None
+
+
+def _span(hours: dict[str, Any], day: str) -> tuple[int, int] | None:
+    span = hours.get(day)
+    if not isinstance(span, list | tuple) or len(span) != 2:
+        return None
+    start, end = _minutes(span[0]), _minutes(span[1])
+    return None if start is None or end is None else (start, end)
+
+
 def is_open(company: Company, at: datetime) -> bool:
+    """Whether `at` falls in the company's hours, in its time zone. A day's span whose closing time
+    is before its opening time runs past midnight (fri 22:00-02:00: open until Saturday 02:00)."""
     hours = company.business_hours
     if hours is None:
         return True
     local = at.astimezone(_zone(company.timezone))
-    span = hours.get(DAYS[local.weekday()])
-    if not isinstance(span, list | tuple) or len(span) != 2:
-        return False
-    now = local.strftime("%H:%M")
-    return str(span[0]) <= now < str(span[1])
+    now = local.hour * 60 + local.minute
+    today = _span(hours, DAYS[local.weekday()])
+    if today is not None:
+        start, end = today
+        if start <= now < end or (end < start and now >= start):
+            return True
+    yesterday = _span(hours, DAYS[(local.weekday() - 1) % 7])
+    if yesterday is not None:
+        start, end = yesterday
+        if end < start and now < end:
+            return True
+    return False
 
 
 def auto_replies_due(company: Company, at: datetime, *, new_conversation: bool) -> list[tuple[str, str, str]]:

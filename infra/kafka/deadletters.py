@@ -42,15 +42,18 @@ def prior_of(headers: list[tuple[str, bytes]]) -> Prior:
     found = dict(headers)
     attempts = 0
     history: list[FailureInfo] = []
+    replay_of: str | None = None
     try:
         attempts = int(found.get(HEADER_ATTEMPTS, b"0") or 0)
         raw = found.get(HEADER_HISTORY)
         if raw:
             history = [FailureInfo(**item) for item in orjson.loads(raw)]
-    except (ValueError, TypeError):
-        pass  # headers from elsewhere: start a fresh history rather than refuse the record
-    replay_of = found.get(HEADER_REPLAY_OF)
-    return Prior(attempts, history, replay_of.decode() if replay_of else None)
+        raw_replay_of = found.get(HEADER_REPLAY_OF)
+        replay_of = raw_replay_of.decode() if raw_replay_of else None
+    except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        # Headers from elsewhere: start a fresh history rather than refuse the record.
+        attempts, history, replay_of = 0, [], None
+    return Prior(attempts, history, replay_of)
 
 
 def failure(

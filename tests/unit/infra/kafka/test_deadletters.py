@@ -84,12 +84,6 @@ def test_garbled_bookkeeping_headers_start_a_fresh_history(headers: list[tuple[s
     assert letter.history == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: prior_of decodes the cortexx-replay-of header outside its try, so a value that is "
-    "not UTF-8 raises UnicodeDecodeError instead of starting a fresh history as the comment intends; "
-    "the outbound consumer calls prior_of first thing for every record",
-)
 def test_a_replay_of_header_that_is_not_utf8_starts_a_fresh_history() -> None:
     assert prior_of([(HEADER_REPLAY_OF, b"\xff\xfe")]).replay_of is None
 

@@ -1,0 +1,397 @@
+"""What each WUZAPI answer means to the worker, through an in-process transport (httpx's
+MockTransport) answering with WUZAPI's own envelopes: a send, a refusal that no retry can help
+(4xx), a wrong token (401, alerted), an outage worth retrying (5xx, 429, timeouts, connection
+errors) with WUZAPI's Retry-After, replies that are not JSON, and the breaker an outage opens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from processors import wuzapi as wuzapi_module
+from processors.wuzapi import (
+    BreakerOpen,
+    SendResult,
+    WuzapiClient,
+    WuzapiPermanent,
+    WuzapiTransient,
+    WuzapiUnauthorized,
+)
+from schemas import wuzapi as contract
+from schemas.outbound import OutboundMessage, gateway_message_id
+from schemas.wuzapi import instance_name
+
+TOKEN = "company-7-token"
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+
+
+def gateway(status: int, envelope: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    """WUZAPI's reply: Go's json.Encoder writes sorted keys and a newline after."""
+    body = (
+        envelope
+        if isinstance(envelope, bytes)
+        else orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS) + b"\n"
+    )
+    return httpx.Response(
+        status, content=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+
+
+def ok(data: dict[str, Any]) -> httpx.Response:
+    return gateway(200, contract.ok_envelope(data))
+
+
+def error(status: int, text: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return gateway(status, contract.error_envelope(status, text), headers)
+
+
+class Gateway:
+    """A WUZAPI stand-in: answers each request with `handler` and remembers every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.handler: Handler = lambda request: ok({"Details": "Sent", "Id": "X", "Timestamp": "1"})
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.handler(request)
+        return await answer if isinstance(answer, Awaitable) else answer
+
+
+@pytest.fixture
+def stub() -> Gateway:
+    # Not `wuzapi`: that name is the session's simulator process (tests/conftest.py).
+    return Gateway()
+
+
+@pytest.fixture
+async def client(stub: Gateway) -> AsyncIterator[WuzapiClient]:
+    made = WuzapiClient(
+        "http://wuzapi.test:8080/",
+        connect_timeout_s=0.2,
+        timeout_s=0.3,
+        breaker_fail_max=3,
+        breaker_reset_s=60.0,
+    )
+    await made._http.aclose()
+    # The client's own pool, on an in-process transport: every call reaches `stub`, no socket.
+    made._http = httpx.AsyncClient(base_url=made.base_url, transport=httpx.MockTransport(stub))
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+def message(kind: str = "text", **fields: Any) -> OutboundMessage:
+    defaults: dict[str, Any] = {
+        "id": "reply-1",
+        "tenant": "acme",
+        "company_id": 7,
+        "conversation_id": 3,
+        "to": "4915112345678",
+        "kind": kind,
+        "origin": "agent",
+        "created_at_ms": 1_717_000_000_000,
+    }
+    return OutboundMessage(**{**defaults, **fields})
+
+
+# --------------------------------------------------------------------------- success
+
+
+async def test_a_send_returns_whatsapps_id_and_timestamp(client: WuzapiClient, stub: Gateway) -> None:
+    stub.handler = lambda r: ok({"Details": "Sent", "Id": "3EB0ABC", "Timestamp": "1717000001"})
+    assert await client.send(TOKEN, message(text="Hello")) == SendResult("3EB0ABC", "1717000001")
+
+
+async def test_a_send_without_an_id_in_the_reply_is_known_by_its_gateway_id(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    stub.handler = lambda r: ok({"Details": "Sent"})
+    result = await client.send(TOKEN, message(text="Hello"))
+    assert result == SendResult(gateway_message_id(7, "reply-1"), None)
+
+
+async def test_a_success_without_data_is_an_empty_answer(client: WuzapiClient, stub: Gateway) -> None:
+    stub.handler = lambda r: gateway(200, {"code": 200, "success": True})
+    assert await client.call(TOKEN, contract.SESSION_STATUS, {}) == {}
+
+
+@pytest.mark.parametrize(
+    ("outbound", "path", "body"),
+    [
+        (
+            message(text="Hi there"),
+            "/chat/send/text",
+            {"Phone": "4915112345678", "Body": "Hi there", "Id": gateway_message_id(7, "reply-1")},
+        ),
+        (
+            message("image", media_url="https://cdn.test/a.jpg", caption="Our menu"),
+            "/chat/send/image",
+            {
+                "Phone": "4915112345678",
+                "Image": "https://cdn.test/a.jpg",
+                "Caption": "Our menu",
+                "Id": gateway_message_id(7, "reply-1"),
+            },
+        ),
+        (
+            message("image", media_url="https://cdn.test/a.jpg"),
+            "/chat/send/image",
+            {
+                "Phone": "4915112345678",
+                "Image": "https://cdn.test/a.jpg",
+                "Id": gateway_message_id(7, "reply-1"),
+            },
+        ),
+        (
+            message("document", media_url="https://cdn.test/t.pdf"),
+            "/chat/send/document",
+            {
+                "Phone": "4915112345678",
+                "Document": "https://cdn.test/t.pdf",
+                "FileName": "document",
+                "Id": gateway_message_id(7, "reply-1"),
+            },
+        ),
+        (
+            message("markread", read_ids=("wamid.A", "wamid.B")),
+            "/chat/markread",
+            {"Id": ["wamid.A", "wamid.B"], "ChatPhone": "4915112345678", "SenderPhone": "4915112345678"},
+        ),
+    ],
+    ids=["text", "image-caption", "image", "document", "markread"],
+)
+async def test_each_kind_is_posted_as_wuzapi_expects(
+    client: WuzapiClient, stub: Gateway, outbound: OutboundMessage, path: str, body: dict[str, Any]
+) -> None:
+    await client.send(TOKEN, outbound)
+    [request] = stub.requests
+    assert request.method == "POST"
+    assert request.url == f"http://wuzapi.test:8080{path}"
+    assert request.headers[contract.TOKEN_HEADER] == TOKEN
+    assert request.headers["content-type"] == "application/json"
+    assert orjson.loads(request.content) == body
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [(400, "missing Phone in Payload"), (404, "not found"), (413, "too large"), (422, "bad phone")],
+)
+async def test_a_4xx_is_permanent_and_says_why(
+    client: WuzapiClient, stub: Gateway, status: int, text: str
+) -> None:
+    stub.handler = lambda r: error(status, text)
+    with pytest.raises(WuzapiPermanent) as refused:
+        await client.send(TOKEN, message(text="Hi"))
+    assert not isinstance(refused.value, WuzapiUnauthorized | WuzapiTransient)
+    assert refused.value.status == status
+    assert str(refused.value) == f"{status} {text}"
+
+
+class Log:
+    """Stands in for the module's logger: keeps (level, event, fields) of each line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+async def test_a_401_is_the_tokens_fault_and_raises_an_alert(
+    client: WuzapiClient, stub: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    monkeypatch.setattr(wuzapi_module, "log", log)
+    stub.handler = lambda r: gateway(401, b'{"code":401,"error":"Unauthorized","success":false}\n')
+    with pytest.raises(WuzapiUnauthorized) as refused:
+        await client.send(TOKEN, message(text="Hi"))
+    assert isinstance(refused.value, WuzapiPermanent)  # no retry can help
+    assert refused.value.status == 401
+    assert "Unauthorized" in str(refused.value)
+    [(level, event, fields)] = log.lines
+    assert (level, event, fields["alert"]) == ("error", "wuzapi.unauthorized", True)
+    assert TOKEN not in str(log.lines)  # the token itself never reaches the logs
+
+
+async def test_other_refusals_raise_no_alert(
+    client: WuzapiClient, stub: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    monkeypatch.setattr(wuzapi_module, "log", log)
+    stub.handler = lambda r: error(400, "missing Phone in Payload")
+    with pytest.raises(WuzapiPermanent):
+        await client.send(TOKEN, message(text="Hi"))
+    assert log.lines == []
+
+
+async def test_a_200_that_is_not_a_success_envelope_is_not_taken_for_a_send(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    stub.handler = lambda r: gateway(200, {"code": 200, "error": "odd", "success": False})
+    with pytest.raises(WuzapiPermanent, match="unexpected reply"):
+        await client.send(TOKEN, message(text="Hi"))
+
+
+@pytest.mark.parametrize("body", [b"<html>OK</html>", b"", b"[1, 2]", b'"Sent"', b"null"])
+async def test_a_200_whose_body_is_not_an_envelope_is_permanent(
+    client: WuzapiClient, stub: Gateway, body: bytes
+) -> None:
+    stub.handler = lambda r: gateway(200, body)
+    with pytest.raises(WuzapiPermanent):
+        await client.send(TOKEN, message(text="Hi"))
+
+
+# --------------------------------------------------------------------------- outages
+
+
+@pytest.mark.parametrize(
+    ("status", "text"), [(500, "No session"), (502, "bad gateway"), (503, "down"), (504, "slow")]
+)
+async def test_a_5xx_is_transient(client: WuzapiClient, stub: Gateway, status: int, text: str) -> None:
+    stub.handler = lambda r: error(status, text)
+    with pytest.raises(WuzapiTransient) as failed:
+        await client.send(TOKEN, message(text="Hi"))
+    assert failed.value.status == status
+    assert str(failed.value) == f"{status} {text}"
+    assert failed.value.retry_after_s is None
+
+
+async def test_a_proxys_html_error_page_is_transient_and_named_by_its_status(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    stub.handler = lambda r: httpx.Response(502, content=b"<html><h1>502 Bad Gateway</h1></html>")
+    with pytest.raises(WuzapiTransient) as failed:
+        await client.send(TOKEN, message(text="Hi"))
+    assert str(failed.value) == "502 Bad Gateway"
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [("7", 7.0), ("0.5", 0.5), ("0", 0.0), ("-3", 0.0), ("soon", None), ("", None)],
+)
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_seconds_are_honoured(
+    client: WuzapiClient, stub: Gateway, status: int, retry_after: str, expected: float | None
+) -> None:
+    stub.handler = lambda r: error(status, "slow down", {"Retry-After": retry_after})
+    with pytest.raises(WuzapiTransient) as failed:
+        await client.send(TOKEN, message(text="Hi"))
+    assert failed.value.status == status
+    assert failed.value.retry_after_s == expected
+
+
+async def test_retry_after_as_an_http_date_is_the_time_until_then(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    waits = []
+    for when in (later, earlier):
+
+        def slow_down(request: httpx.Request, when: str = when) -> httpx.Response:
+            return error(429, "slow down", {"Retry-After": when})
+
+        stub.handler = slow_down
+        with pytest.raises(WuzapiTransient) as failed:
+            await client.send(TOKEN, message(text="Hi"))
+        waits.append(failed.value.retry_after_s)
+    assert waits[0] is not None and 27.0 < waits[0] <= 30.0
+    assert waits[1] == 0.0
+
+
+async def test_a_gateway_that_does_not_answer_in_time_is_a_transient_timeout(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(10)
+        return ok({})
+
+    stub.handler = hang
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(WuzapiTransient, match=r"timeout after 0\.3s on /chat/send/text") as failed:
+        await client.send(TOKEN, message(text="Hi"))
+    assert asyncio.get_running_loop().time() - started < 2.0  # the client's timeout, not the gateway's
+    assert failed.value.status is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectTimeout("connect timed out"),
+        httpx.ReadTimeout("read timed out"),
+        httpx.ConnectError("connection refused"),
+        httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
+    ],
+    ids=["connect-timeout", "read-timeout", "refused", "dropped"],
+)
+async def test_transport_failures_are_transient(
+    client: WuzapiClient, stub: Gateway, exc: httpx.TransportError
+) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    stub.handler = fail
+    with pytest.raises(WuzapiTransient) as failed:
+        await client.send(TOKEN, message(text="Hi"))
+    assert failed.value.status is None
+    assert failed.value.__cause__ is exc
+
+
+# --------------------------------------------------------------------------- the breaker
+
+
+async def test_an_outage_opens_the_breaker_and_then_nothing_is_sent(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    stub.handler = lambda r: error(500, "No session")
+    for _ in range(2):
+        with pytest.raises(WuzapiTransient):
+            await client.send(TOKEN, message(text="Hi"))
+    with pytest.raises(BreakerOpen) as tripped:
+        await client.send(TOKEN, message(text="Hi"))
+    assert tripped.value.tripped and 59.0 < tripped.value.wait_s <= 60.0
+    assert len(stub.requests) == 3
+    with pytest.raises(BreakerOpen) as refused:
+        await client.send(TOKEN, message(text="Hi"))
+    assert not refused.value.tripped
+    assert len(stub.requests) == 3  # refused before any request: no attempt spent
+    assert client.breaker_states() == {instance_name(TOKEN): "open"}
+
+
+async def test_refusals_never_open_the_breaker(client: WuzapiClient, stub: Gateway) -> None:
+    stub.handler = lambda r: error(400, "missing Phone in Payload")
+    for _ in range(5):
+        with pytest.raises(WuzapiPermanent):
+            await client.send(TOKEN, message(text="Hi"))
+    stub.handler = lambda r: gateway(401, contract.error_envelope(401, contract.UNAUTHORIZED))
+    for _ in range(5):
+        with pytest.raises(WuzapiUnauthorized):
+            await client.send(TOKEN, message(text="Hi"))
+    assert client.breaker_states() == {instance_name(TOKEN): "closed"}
+
+
+async def test_one_instances_outage_does_not_stop_another(client: WuzapiClient, stub: Gateway) -> None:
+    stub.handler = lambda r: (
+        error(503, "down") if r.headers[contract.TOKEN_HEADER] == "broken-instance" else ok({"Id": "fine"})
+    )
+    for _ in range(3):
+        with pytest.raises((WuzapiTransient, BreakerOpen)):
+            await client.send("broken-instance", message(text="Hi"))
+    assert (await client.send(TOKEN, message(text="Hi"))).id == "fine"
+
+
+def test_instance_names_do_not_leak_the_token() -> None:
+    assert instance_name("abcdefghijkl") == "wuzapi-abcd****"
+    assert instance_name("short") == "wuzapi-****"
