@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -70,18 +69,10 @@ class WuzapiUnauthorized(WuzapiPermanent):
 class BreakerOpen(Exception):
     """The instance's breaker refused the call: nothing was sent, no attempt was spent."""
 
-    def __init__(self, instance: str, wait_s: float, *, tripped: bool) -> None:
+    def __init__(self, instance: str, wait_s: float) -> None:
         super().__init__(f"breaker of {instance} open for {wait_s:.2f}s more")
         self.instance = instance
         self.wait_s = wait_s
-        # True when this very call failed and opened (or re-opened) the breaker.
-        self.tripped = tripped
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    id: str
-    timestamp: str | None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -152,9 +143,6 @@ class WuzapiClient:
             self._probes[token] = asyncio.Lock()
         return breaker
 
-    def breaker_states(self) -> dict[str, str]:
-        return {b.name: b.current_state.name.lower() for b in self._breakers.values()}
-
     def _time_left(self, breaker: CircuitBreaker) -> float:
         opened_at = breaker._state_storage.opened_at  # naive UTC, as aiobreaker stores it
         if opened_at is None:
@@ -173,7 +161,7 @@ class WuzapiClient:
             if breaker.current_state is CircuitBreakerState.OPEN:
                 left = self._time_left(breaker)
                 if left > 0:
-                    raise BreakerOpen(breaker.name, left, tripped=False)
+                    raise BreakerOpen(breaker.name, left)
             return await self._guarded(breaker, token, path, payload)
 
     async def _guarded(
@@ -183,8 +171,7 @@ class WuzapiClient:
             result: dict[str, Any] = await breaker.call_async(self._request, token, path, payload)
             return result
         except CircuitBreakerError as exc:
-            tripped = exc.__cause__ is not None
-            raise BreakerOpen(breaker.name, self._time_left(breaker), tripped=tripped) from exc.__cause__
+            raise BreakerOpen(breaker.name, self._time_left(breaker)) from exc.__cause__
 
     async def _request(self, token: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         started = asyncio.get_running_loop().time()
@@ -237,7 +224,7 @@ class WuzapiClient:
             raise WuzapiPermanent(f"unexpected reply {body!r}", status=status)
         raise WuzapiPermanent(f"{status} {error}", status=status)
 
-    async def send(self, token: str, message: OutboundMessage) -> SendResult:
+    async def send(self, token: str, message: OutboundMessage) -> None:
         """Send one outbound message under its gateway id (unique across companies) as WhatsApp's
         message id."""
         if message.kind == "text":
@@ -257,5 +244,4 @@ class WuzapiClient:
             )
         else:
             path, payload = contract.MARK_READ, contract.markread_request(list(message.read_ids), message.to)
-        data = await self.call(token, path, payload)
-        return SendResult(id=str(data.get("Id") or message.gateway_id), timestamp=data.get("Timestamp"))
+        await self.call(token, path, payload)

@@ -25,10 +25,6 @@ DEAD_LETTERS = Counter("cortexx_dead_letters_total", "Records sent to a dead-let
 DLQ_SUFFIX = ".dlq"
 
 
-def dlq_topic(source_topic: str) -> str:
-    return source_topic + DLQ_SUFFIX
-
-
 @dataclass(frozen=True, slots=True)
 class Prior:
     """What a replayed record had been through before."""

@@ -9,7 +9,7 @@ from dataclasses import replace
 import orjson
 import pytest
 
-from infra.kafka.deadletters import Prior, dlq_topic, failure, letter_for, prior_of
+from infra.kafka.deadletters import Prior, failure, letter_for, prior_of
 from schemas.deadletter import HEADER_ATTEMPTS, HEADER_HISTORY, HEADER_REPLAY_OF, DeadLetter, replay_headers
 
 ORIGINAL_HEADERS = [("traceparent", b"00-abc-01")]
@@ -91,7 +91,3 @@ def test_a_replay_of_header_that_is_not_utf8_starts_a_fresh_history() -> None:
 def test_a_failure_message_is_bounded() -> None:
     info, _ = failure(ValueError("x" * 10_000), attempts=1, prior=Prior(0, [], None))
     assert len(info.message) == 2000
-
-
-def test_dead_letters_of_a_topic_go_to_its_dlq() -> None:
-    assert dlq_topic("meta.webhooks") == "meta.webhooks.dlq"
