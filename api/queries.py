@@ -115,7 +115,7 @@ SELECT c.id, c.status, c.channel, c.last_message_at, c.last_message_preview, c.u
 )
 
 # The sum of the company's deltas, kept by triggers on conversations (see 0006): a few dozen rows
-# whatever the company's size, where count(*) grew with it (48 ms p99 at 200,000 conversations).
+# whatever the company's size, where count(*) grew with it (BENCHMARKS.md, Read).
 # `rows` says how many deltas were summed, so that the route can fold a company left with many.
 CONVERSATION_COUNTS = CompanyQuery(
     "conversations.counts",

@@ -72,7 +72,7 @@ class ApiService:
             reset=_keep_session_state,
             # The API's statements are index scans (keyset order and a LIMIT) whose right plan does
             # not depend on the values; left on `auto`, Postgres re-planned the conversation list
-            # at every call (measured: 0.5-0.8 ms p50 and 1-3.5 ms p99 against 0.4 and 0.6-0.7).
+            # at every call (BENCHMARKS.md, "Figures behind the code's choices").
             server_settings={"plan_cache_mode": "force_generic_plan"},
         )
         self._tasks.append(

@@ -69,8 +69,8 @@ def check_password(stored: str | None, password: str) -> PasswordCheck:
 
 
 # Hashing threads run this much nicer (Linux), so that a burst of logins yields the CPU to the
-# event loop and to Postgres; argon2's own threads inherit it. (Measured on 2 cores: the loop's
-# p95 wake-up under one busy hashing thread went from 9.5 ms to 4.8 ms.)
+# event loop and to Postgres; argon2's own threads inherit it (BENCHMARKS.md, "Figures behind the
+# code's choices").
 HASHING_NICENESS = 10
 
 

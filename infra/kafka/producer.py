@@ -138,8 +138,8 @@ class DurableProducer:
                     # fill. Not create_batch/send_batch: a private batch per POST waits for the
                     # partition's previous batch to drain (one POST per produce round trip, every
                     # waiter woken on each drain, and aiokafka 0.14's add_batch counts its timeout
-                    # down cumulatively): measured 106 POSTs/s of 100 records with 503s, against
-                    # 140-200 and none this way.
+                    # down cumulatively): measured slower, with 503s (BENCHMARKS.md, "Figures
+                    # behind the code's choices").
                     acks.append(
                         await producer.send(topic, value, key=key, partition=partition, headers=headers)
                     )

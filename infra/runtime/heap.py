@@ -11,9 +11,9 @@ def tune_gc() -> None:
     Both hot paths parse JSON into many short-lived dicts and lists: a 100-change POST thousands
     that live until the broker acknowledges, a worker batch up to 2,000 records. At the default
     gen-0 threshold (700 allocations) the collector traverses them again and again, and each
-    full collection walks every object made at start (~100,000 in ingest, more under Faust):
-    measured, 40% of the CPU of a 100-change POST, and the largest item of the worker's own
-    share (charged to `orjson.loads`, whose allocations set it off). Start-up objects are frozen
+    full collection walks every object made at start (~100,000 in ingest, more under Faust): the
+    largest item of both profiles once (BENCHMARKS.md, "Figures behind the code's choices",
+    charged to `orjson.loads`, whose allocations set it off). Start-up objects are frozen
     out of collection; young collections run every 10,000 allocations instead of 700.
     """
     gc.collect()

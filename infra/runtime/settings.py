@@ -103,17 +103,17 @@ class Settings(BaseSettings):
 
     # Worker.
     worker_app_id: str = "cortexx"
-    # Bigger transactions cost Postgres less per record (from 500 to 2,000 records: 60 -> 50 µs,
-    # BENCHMARKS.md). A batch closes when full, `within` after its first record, or when no
-    # record has arrived for `idle` (processors/faust_stream.py): under load the first two size
-    # it, and on a quiet system a record waits `idle` for company, not the whole window.
+    # Bigger transactions cost Postgres less per record (BENCHMARKS.md, Worker). A batch closes
+    # when full, `within` after its first record, or when no record has arrived for `idle`
+    # (processors/faust_stream.py): under load the first two size it, and on a quiet system a
+    # record waits `idle` for company, not the whole window.
     worker_batch_max: int = Field(default=2000, ge=1)
     worker_batch_within_s: float = Field(default=0.25, gt=0)
     worker_batch_idle_ms: float = Field(default=10.0, gt=0)
     # Take the next batch while Postgres writes this one (still one write at a time, in order).
     # Off by default: Faust keeps fetching and buffering while the agent awaits a write anyway,
-    # and without the overlap the next take finds a full batch waiting; in three benchmark runs
-    # the overlap cost 7-26% of throughput and ~10 µs of CPU per record (BENCHMARKS.md).
+    # and without the overlap the next take finds a full batch waiting; measured slower
+    # (BENCHMARKS.md, Worker).
     worker_overlap_writes: bool = False
     # Faust's per-stream buffer; at 80% of it Faust stops fetching the partition (flow control).
     worker_stream_buffer_max: int = Field(default=4096, ge=1)
