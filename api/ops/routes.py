@@ -1,6 +1,7 @@
 """The console's routes: `/api/v1/ops/...` (JSON, in the OpenAPI schema) and `/ops` (HTML).
 
-Admins only: an agent gets 403 (JSON or a page), no session a 401 (JSON) or the login page.
+Operators only (the role that runs the deployment): an agent or a company admin gets 403 (JSON
+or a page), no session a 401 (JSON) or the login page.
 A replay that sends (`dry_run: false`) needs the session's CSRF token in `X-CSRF-Token`.
 """
 
