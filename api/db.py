@@ -131,6 +131,18 @@ class Db:
         return self._conn.transaction()
 
 
+async def delete_in_batches(db: Db, query: Query, batch: int) -> int:
+    """Run a `DELETE ... LIMIT $1` statement until a batch deletes fewer than `batch` rows; return
+    how many in all (pruning jobs: short statements, no long lock)."""
+    total = 0
+    while True:
+        status = await db.execute(query, batch)
+        deleted = int(status.rsplit(" ", 1)[-1])
+        total += deleted
+        if deleted < batch:
+            return total
+
+
 @asynccontextmanager
 async def request_db(pool: asyncpg.Pool, *, timeout_s: float, slow_ms: float) -> AsyncIterator[Db]:
     """A pooled connection for one request under one deadline; a database that is down is a 503."""

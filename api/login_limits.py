@@ -23,7 +23,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from api.db import Db, Query
+from api.db import Db, Query, delete_in_batches
 from infra.runtime.settings import Settings
 
 Limit = Literal["account", "address"]
@@ -163,10 +163,4 @@ class LoginLimits:
 
     async def prune(self, db: Db) -> int:
         """Delete the rows whose window has ended; return how many."""
-        total = 0
-        while True:
-            status = await db.execute(ATTEMPT_PRUNE, PRUNE_BATCH)
-            deleted = int(status.rsplit(" ", 1)[-1])
-            total += deleted
-            if deleted < PRUNE_BATCH:
-                return total
+        return await delete_in_batches(db, ATTEMPT_PRUNE, PRUNE_BATCH)

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 from fastapi import Response
 
-from api.db import Db
+from api.db import Db, delete_in_batches
 from api.errors import DatabaseUnavailable
 from api.login_limits import LoginLimits
 from api.metrics import SESSIONS_PRUNED
@@ -175,13 +175,7 @@ class Sessions:
     # Pruning.
 
     async def prune(self, db: Db) -> int:
-        total = 0
-        while True:
-            status = await db.execute(SESSION_PRUNE, PRUNE_BATCH)
-            deleted = int(status.rsplit(" ", 1)[-1])
-            total += deleted
-            if deleted < PRUNE_BATCH:
-                return total
+        return await delete_in_batches(db, SESSION_PRUNE, PRUNE_BATCH)
 
     async def prune_forever(self, pool: asyncpg.Pool, *, interval_s: float, slow_ms: float) -> None:
         """One job per process. The jitter keeps replicas that started together from pruning together."""

@@ -60,7 +60,7 @@ def ingest(
 ) -> None:
     """Serve the Meta webhook endpoint."""
     from cli.services import need_url
-    from infra.runtime.http_server import serve_http
+    from infra.runtime.http_server import serve_edge
     from ingest.app import create_app
 
     settings = process_settings("ingest")
@@ -68,16 +68,12 @@ def ingest(
         database_url=need_url(settings.database_url, "CORTEXX_DATABASE_URL"),
         kafka_bootstrap=need_url(settings.kafka_bootstrap, "CORTEXX_KAFKA_BOOTSTRAP"),
     )
-    code = serve_http(
+    code = serve_edge(
         create_app(settings),
+        settings,
         host=settings.ingest_host,
         port=port or settings.ingest_port,
         process="ingest",
-        grace_s=settings.shutdown_grace_s,
-        stop_deadline_s=settings.stop_deadline_s,
-        header_timeout_s=settings.http_header_timeout_s,
-        body_timeout_s=settings.http_body_timeout_s,
-        keep_alive_s=settings.http_keep_alive_s,
     )
     raise typer.Exit(code)
 
@@ -180,7 +176,7 @@ def api(
     from api.app import create_app
     from api.sessions import SessionSecretMissing
     from cli.services import need_url
-    from infra.runtime.http_server import serve_http
+    from infra.runtime.http_server import serve_edge
 
     settings = process_settings("api")
     settings = settings.resolved(
@@ -194,17 +190,7 @@ def api(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     # Signals, the drain of requests in flight and the exit code are the lifecycle's.
-    code = serve_http(
-        application,
-        host=settings.api_host,
-        port=settings.api_port,
-        process="api",
-        grace_s=settings.shutdown_grace_s,
-        stop_deadline_s=settings.stop_deadline_s,
-        header_timeout_s=settings.http_header_timeout_s,
-        body_timeout_s=settings.http_body_timeout_s,
-        keep_alive_s=settings.http_keep_alive_s,
-    )
+    code = serve_edge(application, settings, host=settings.api_host, port=settings.api_port, process="api")
     raise typer.Exit(code)
 
 

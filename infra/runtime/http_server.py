@@ -31,6 +31,7 @@ from uvicorn.server import ServerState
 
 from infra.runtime.lifecycle import lifecycle
 from infra.runtime.logging import get_logger
+from infra.runtime.settings import Settings
 from schemas.errors import error_body
 
 log = get_logger("http")
@@ -291,7 +292,7 @@ def serve_http(
     body_timeout_s: float = 30.0,
     keep_alive_s: int = 5,
 ) -> int:
-    """Serve `app` until a stop is requested and drained; return the exit code.
+    """Serve `app` until a stop is requested and drained; return the exit code (see `serve_edge`).
 
     A request's headers must arrive within `header_timeout_s` and its body within `body_timeout_s`
     of them (else 408 and the connection closed); an idle keep-alive connection is closed after
@@ -346,3 +347,18 @@ def serve_http(
     if not server.started:
         return 1  # e.g. the port was taken, or the app's start-up failed: already logged
     return 0
+
+
+def serve_edge(app: Any, settings: Settings, *, host: str, port: int, process: str) -> int:
+    """`serve_http` with an edge's settings: its drain, stop deadline and slow-client timeouts."""
+    return serve_http(
+        app,
+        host=host,
+        port=port,
+        process=process,
+        grace_s=settings.shutdown_grace_s,
+        stop_deadline_s=settings.stop_deadline_s,
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        keep_alive_s=settings.http_keep_alive_s,
+    )
