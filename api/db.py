@@ -6,6 +6,11 @@ A statement is a `Query` (not about one company: sessions, login, health), a `Co
 parameters itself: a route cannot pass another company's id, nor forget to pass one.
 Every statement is timed under its name; one over the slow-query threshold is logged.
 
+No statement may leave state on the session once its transaction ends (a SET, LISTEN, cursor,
+prepared statement, advisory lock, set_config(..., false) or temporary table): the API's pool does
+not reset a connection on release (api/service.py), so the next request, another company's,
+would inherit it. Each of the three refuses such SQL when it is built, at import time.
+
 A request has one database deadline (`CORTEXX_API_DB_TIMEOUT_S`) for everything it does there:
 waiting for a pooled connection and every statement on it draw on the same budget, so a stalled
 database answers 503 after that time, not after the acquire's timeout and then the statement's.
@@ -13,6 +18,8 @@ database answers 503 after that time, not after the acquire's timeout and then t
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +41,39 @@ log = get_logger("api.db")
 
 T = TypeVar("T")
 
+# What a statement may not do, as the start of one of its `;`-separated parts (SET and RESET of
+# any kind, LISTEN, DECLARE, PREPARE, DEALLOCATE, DISCARD, LOAD, CREATE TEMP ...), or anywhere in
+# it (set_config, session-level advisory locks, SELECT ... INTO TEMP). The transaction-scoped
+# forms that would be safe (SET LOCAL, set_config(..., true)) are refused too: nothing needs them.
+# pg_advisory_xact_lock is allowed: it ends with the transaction, and the pool rolls back one left
+# open.
+_SESSION_STATE_START = re.compile(
+    r"(SET|RESET|LISTEN|DECLARE|PREPARE|DEALLOCATE|DISCARD|LOAD"
+    r"|CREATE\s+(GLOBAL\s+|LOCAL\s+)?(TEMP|TEMPORARY)|CREATE\s+(OR\s+REPLACE\s+)?FUNCTION\s+pg_temp)\b",
+    re.IGNORECASE,
+)
+_SESSION_STATE_ANYWHERE = re.compile(
+    r"\bset_config\s*\(|\bpg_(try_)?advisory_lock|\bINTO\s+(TEMP|TEMPORARY)\b", re.IGNORECASE
+)
+_LEADING_COMMENTS = re.compile(r"\A(\s+|--[^\n]*(\n|\Z)|/\*.*?\*/)+", re.DOTALL)
+
+
+def session_state(sql: str) -> str | None:
+    """The part of `sql` that would leave state on the session after its transaction, or None."""
+    for part in sql.split(";"):
+        statement = _LEADING_COMMENTS.sub("", part)
+        if _SESSION_STATE_START.match(statement) or _SESSION_STATE_ANYWHERE.search(statement):
+            return part.strip()
+    return None
+
+
+@functools.cache
+def _check_session_state(name: str, sql: str) -> None:
+    # Cached: ScopedDb builds a Query per call, and a statement's text never changes.
+    found = session_state(sql)
+    if found is not None:
+        raise ValueError(f"{name}: a statement may not leave session state on a pooled connection: {found}")
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
@@ -41,6 +81,9 @@ class Query:
 
     name: str
     sql: str
+
+    def __post_init__(self) -> None:
+        _check_session_state(self.name, self.sql)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +94,7 @@ class CompanyQuery:
     sql: str
 
     def __post_init__(self) -> None:
+        _check_session_state(self.name, self.sql)
         if "company_id = $1" not in self.sql:
             raise ValueError(f"{self.name}: a company query must filter on company_id = $1")
 
@@ -63,6 +107,7 @@ class UserQuery:
     sql: str
 
     def __post_init__(self) -> None:
+        _check_session_state(self.name, self.sql)
         if "company_id = $1" not in self.sql or "user_id = $2" not in self.sql:
             raise ValueError(f"{self.name}: a user query must filter on company_id = $1 and user_id = $2")
 

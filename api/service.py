@@ -30,7 +30,8 @@ async def _keep_session_state(conn: asyncpg.Connection) -> None:
     asyncpg's default sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`
     on every release: a round trip and as much database work as the session lookup, per request.
     The API leaves none of that state behind (no session-level SET, LISTEN, advisory lock or
-    cursor: tests/api/test_pool_state.py checks the statements), and asyncpg still rolls back a
+    cursor: api/db.py's statements refuse such SQL when built, and tests/api/test_pool_state.py
+    asks a running API's pooled connections after every route), and asyncpg still rolls back a
     transaction left open and drops listeners before it calls this.
     """
 
