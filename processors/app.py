@@ -18,33 +18,23 @@ import faust
 from faust.types import EventT
 from prometheus_client import start_http_server
 
-from infra.kafka.deadletters import DeadLetterWriter
-from infra.kafka.producer import BrokerUnavailable, DurableProducer
+from infra.kafka.producer import DurableProducer
 from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
 from infra.postgres.db import create_pool
 from infra.runtime.heap import tune_gc
 from infra.runtime.lifecycle import lifecycle
 from infra.runtime.logging import get_logger
-from infra.runtime.retry import until_it_passes
 from infra.runtime.settings import Settings
+from processors.breakers import BreakerRecorder
 from processors.faust_stream import WorkerStream
 from processors.faust_transport import WorkerApp
 from processors.outbound import OutboundSender, TenantLanes
+from processors.shared_producer import SharedProducer
 from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
 from processors.wuzapi import WuzapiClient
 from schemas.deadletter import DeadLetter
-from schemas.outbound import OutboundMessage
 
 log = get_logger("processors.app")
-
-UPSERT_BREAKER = """
-INSERT INTO wuzapi_breakers (instance, state, failures, opened_at, updated_at)
-VALUES ($1, $2, $3, CASE WHEN $2 = 'open' THEN now() END, now())
-ON CONFLICT (instance) DO UPDATE
-   SET state = EXCLUDED.state, failures = EXCLUDED.failures,
-       opened_at = CASE WHEN EXCLUDED.state = 'open' THEN now() ELSE wuzapi_breakers.opened_at END,
-       updated_at = now()
-"""
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -76,26 +66,9 @@ def create_app(settings: Settings) -> faust.App:
     )
     webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
     outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
-    producer = DurableProducer(settings.kafka_bootstrap)
-    dead_letters = DeadLetterWriter(producer)
-    background: set[asyncio.Task[None]] = set()
-    running_agents = {"webhooks", "outbound"}
-
-    async def agent_stopped(name: str) -> None:
-        # The shared producer closes when the last agent using it has stopped.
-        running_agents.discard(name)
-        if not running_agents:
-            await producer.stop()
-
-    async def send_outbound(messages: list[OutboundMessage]) -> None:
-        # Wait for the broker, drop nothing: the batch is acknowledged only after this returns.
-        records = [(m.key, m.to_bytes()) for m in messages]
-        await until_it_passes(
-            lambda: producer.send_all(WUZAPI_OUTBOUND, records, timeout_s=10),
-            retry_if=lambda exc: isinstance(exc, BrokerUnavailable),
-            event="outbound.produce_retry",
-            records=len(messages),
-        )
+    producer = SharedProducer(DurableProducer(settings.kafka_bootstrap))
+    producer.acquire("webhooks")
+    producer.acquire("outbound")
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
@@ -121,12 +94,12 @@ def create_app(settings: Settings) -> faust.App:
         pool = await create_writer_pool(settings.database_url, max_size=settings.db_pool_max)
 
         async def dead_letter(letter: DeadLetter) -> None:
-            await dead_letters.write(META_WEBHOOKS_DLQ, letter)
+            await producer.dead_letters.write(META_WEBHOOKS_DLQ, letter)
 
         writer = WebhookWriter(
             pool,
             dead_letter,
-            send_outbound,
+            producer.send_outbound,
             retry_max_s=settings.db_retry_max_s,
             company_cache_ttl_s=settings.company_cache_ttl_s,
         )
@@ -178,36 +151,26 @@ def create_app(settings: Settings) -> faust.App:
                 with contextlib.suppress(BaseException):
                     await writing
             await pool.close()
-            await agent_stopped("webhooks")
+            await producer.release("webhooks")
 
     @app.agent(outbound_topic, name="outbound")
     async def outbound(stream: faust.StreamT[Any]) -> None:
         assert settings.database_url and settings.wuzapi_url
         pool = await create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_max)
 
-        def breaker_changed(instance: str, state: str, failures: int) -> None:
-            task = asyncio.get_running_loop().create_task(_record_breaker(instance, state, failures))
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-        async def _record_breaker(instance: str, state: str, failures: int) -> None:
-            try:
-                await pool.execute(UPSERT_BREAKER, instance, state, failures)
-            except Exception as exc:  # the breaker still works; only the read API's view is stale
-                log.warning("wuzapi.breaker_not_recorded", instance=instance, error=repr(exc))
-
+        breakers = BreakerRecorder(pool)
         client = WuzapiClient(
             settings.wuzapi_url,
             connect_timeout_s=settings.wuzapi_connect_timeout_s,
             timeout_s=settings.wuzapi_timeout_s,
             breaker_fail_max=settings.breaker_fail_max,
             breaker_reset_s=settings.breaker_reset_s,
-            on_breaker_change=breaker_changed,
+            on_breaker_change=breakers.changed,
         )
         sender = OutboundSender(
             pool,
             client,
-            dead_letters,
+            producer.dead_letters,
             default_token=settings.wuzapi_token,
             max_attempts=settings.wuzapi_max_attempts,
             backoff_initial_s=settings.wuzapi_backoff_initial_s,
@@ -227,7 +190,7 @@ def create_app(settings: Settings) -> faust.App:
             await lanes.stop()
             await client.close()
             await pool.close()
-            await agent_stopped("outbound")
+            await producer.release("outbound")
 
     return app
 
