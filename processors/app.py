@@ -1,55 +1,67 @@
-"""The Faust app of the stream worker and its agents, `webhooks` and `outbound`.
+"""The Faust app of the stream worker: its wiring.
 
-`webhooks` takes records in batches without automatic acks (`WorkerStream.noack_batches`); a
-batch is acknowledged only after its rows are committed (or its poison records are on the
-dead-letter topic), so a worker killed mid-batch redelivers it, and the idempotent writes absorb
-the redelivery. `outbound` hands each record to its tenant's lane and acknowledges it once sent or
-dead-lettered.
+Two agents, each a class with `start`, `run` and `stop` (`processors.agents`): `webhooks`
+writes `meta.webhooks` batches into Postgres and acknowledges a batch only after its commit;
+`outbound` sends `wuzapi.outbound` records through WUZAPI, one lane per tenant, and acknowledges
+each once sent or dead-lettered. They share one Kafka producer (`SharedProducer`), made here and
+closed when the last of them stops.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from typing import Any
+from typing import Any, Protocol
 
 import faust
-from faust.types import EventT
 from prometheus_client import start_http_server
 
-from infra.kafka.deadletters import DeadLetterWriter
-from infra.kafka.producer import BrokerUnavailable, DurableProducer
-from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND, declare_topics
-from infra.postgres.db import create_pool
+from infra.kafka.producer import DurableProducer
+from infra.kafka.topics import META_WEBHOOKS, WUZAPI_OUTBOUND, declare_topics
 from infra.runtime.heap import tune_gc
 from infra.runtime.lifecycle import lifecycle
 from infra.runtime.logging import get_logger
-from infra.runtime.retry import until_it_passes
 from infra.runtime.settings import Settings
+from processors.agents.outbound import OutboundAgent
+from processors.agents.webhooks import WebhooksAgent
 from processors.faust_stream import WorkerStream
 from processors.faust_transport import WorkerApp
-from processors.outbound import OutboundSender, TenantLanes
-from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
-from processors.wuzapi import WuzapiClient
-from schemas.deadletter import DeadLetter
-from schemas.outbound import OutboundMessage
+from processors.shared_producer import SharedProducer
 
 log = get_logger("processors.app")
 
-UPSERT_BREAKER = """
-INSERT INTO wuzapi_breakers (instance, state, failures, opened_at, updated_at)
-VALUES ($1, $2, $3, CASE WHEN $2 = 'open' THEN now() END, now())
-ON CONFLICT (instance) DO UPDATE
-   SET state = EXCLUDED.state, failures = EXCLUDED.failures,
-       opened_at = CASE WHEN EXCLUDED.state = 'open' THEN now() ELSE wuzapi_breakers.opened_at END,
-       updated_at = now()
-"""
+
+class Agent(Protocol):
+    async def start(self) -> None: ...
+    async def run(self, stream: faust.StreamT[Any]) -> None: ...
+    async def stop(self) -> None: ...
 
 
 def create_app(settings: Settings) -> faust.App:
     assert settings.database_url and settings.kafka_bootstrap and settings.wuzapi_url
-    app = WorkerApp(
+    app = _worker_app(settings)
+    webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
+    outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
+    producer = SharedProducer(DurableProducer(settings.kafka_bootstrap))
+    webhooks_agent = WebhooksAgent(settings, producer)
+    outbound_agent = OutboundAgent(settings, producer)
+    app.on_partitions_assigned.connect(_log_assigned)  # type: ignore[arg-type]
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def declare() -> None:
+        await _declare(settings)
+
+    @app.agent(webhooks_topic, name="webhooks")
+    async def webhooks(stream: faust.StreamT[Any]) -> None:
+        await _serve(webhooks_agent, stream)
+
+    @app.agent(outbound_topic, name="outbound")
+    async def outbound(stream: faust.StreamT[Any]) -> None:
+        await _serve(outbound_agent, stream)
+
+    return app
+
+
+def _worker_app(settings: Settings) -> WorkerApp:
+    return WorkerApp(
         settings.worker_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -74,186 +86,32 @@ def create_app(settings: Settings) -> faust.App:
         # Faust keeps a data dir of its own (we use no tables); not in the working directory.
         datadir=str(settings.data_dir / "faust"),
     )
-    webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
-    outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
-    producer = DurableProducer(settings.kafka_bootstrap)
-    dead_letters = DeadLetterWriter(producer)
-    background: set[asyncio.Task[None]] = set()
-    running_agents = {"webhooks", "outbound"}
-
-    async def agent_stopped(name: str) -> None:
-        # The shared producer closes when the last agent using it has stopped.
-        running_agents.discard(name)
-        if not running_agents:
-            await producer.stop()
-
-    async def send_outbound(messages: list[OutboundMessage]) -> None:
-        # Wait for the broker, drop nothing: the batch is acknowledged only after this returns.
-        records = [(m.key, m.to_bytes()) for m in messages]
-        await until_it_passes(
-            lambda: producer.send_all(WUZAPI_OUTBOUND, records, timeout_s=10),
-            retry_if=lambda exc: isinstance(exc, BrokerUnavailable),
-            event="outbound.produce_retry",
-            records=len(messages),
-        )
-
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def on_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
-        log.info(
-            "worker.partitions_assigned",
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-        )
-
-    @app.task  # type: ignore[untyped-decorator]
-    async def declare() -> None:
-        await declare_topics(
-            settings.kafka_bootstrap or "",
-            partitions=settings.topic_partitions,
-            replication=settings.topic_replication,
-        )
-        if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
-            log.info("worker.metrics", url=settings.worker_metrics)
-
-    @app.agent(webhooks_topic, name="webhooks")
-    async def webhooks(stream: faust.StreamT[Any]) -> None:
-        assert settings.database_url
-        pool = await create_writer_pool(settings.database_url, max_size=settings.db_pool_max)
-
-        async def dead_letter(letter: DeadLetter) -> None:
-            await dead_letters.write(META_WEBHOOKS_DLQ, letter)
-
-        writer = WebhookWriter(
-            pool,
-            dead_letter,
-            send_outbound,
-            retry_max_s=settings.db_retry_max_s,
-            company_cache_ttl_s=settings.company_cache_ttl_s,
-        )
-
-        async def store(events: list[EventT[Any]]) -> None:
-            batch = [_raw(event) for event in events]
-            started = time.perf_counter()
-            stats = await writer.write(batch)
-            write_ms = 1000 * (time.perf_counter() - started)
-            for event in events:
-                await stream.ack(event)
-            log.info(
-                "webhooks.batch_stored",
-                records=len(batch),
-                messages=stats.messages,
-                duplicates=stats.duplicates,
-                statuses=stats.statuses,
-                notifications=stats.notifications,
-                partitions=sorted({r.partition for r in batch}),
-                last_offset=batch[-1].offset,
-                write_ms=round(write_ms, 1),  # the agent's wait: Postgres, retries included
-            )
-
-        # With overlap (a setting, off by default), the agent takes the next batch while Postgres
-        # writes this one; without, Faust's fetcher still fills the stream's buffer meanwhile.
-        # Either way one batch is written at a time, in order, and acknowledged after its
-        # commit: order per key and at-least-once are the same.
-        writing: asyncio.Task[None] | None = None
-        try:
-            # The app's stream class is WorkerStream; faust's StreamT protocol does not know it.
-            async for events in stream.noack_batches(  # type: ignore[attr-defined]
-                settings.worker_batch_max,
-                within=settings.worker_batch_within_s,
-                idle=settings.worker_batch_idle_ms / 1000,
-            ):
-                if writing is not None:
-                    await writing
-                    writing = None
-                if settings.worker_overlap_writes:
-                    writing = asyncio.ensure_future(store(list(events)))
-                    writing.add_done_callback(_log_failure)
-                else:
-                    await store(list(events))
-            if writing is not None:
-                await writing
-        finally:
-            if writing is not None and not writing.done():
-                writing.cancel()  # not acked: redelivered, and the idempotent writes absorb it
-                with contextlib.suppress(BaseException):
-                    await writing
-            await pool.close()
-            await agent_stopped("webhooks")
-
-    @app.agent(outbound_topic, name="outbound")
-    async def outbound(stream: faust.StreamT[Any]) -> None:
-        assert settings.database_url and settings.wuzapi_url
-        pool = await create_pool(settings.database_url, min_size=1, max_size=settings.db_pool_max)
-
-        def breaker_changed(instance: str, state: str, failures: int) -> None:
-            task = asyncio.get_running_loop().create_task(_record_breaker(instance, state, failures))
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-        async def _record_breaker(instance: str, state: str, failures: int) -> None:
-            try:
-                await pool.execute(UPSERT_BREAKER, instance, state, failures)
-            except Exception as exc:  # the breaker still works; only the read API's view is stale
-                log.warning("wuzapi.breaker_not_recorded", instance=instance, error=repr(exc))
-
-        client = WuzapiClient(
-            settings.wuzapi_url,
-            connect_timeout_s=settings.wuzapi_connect_timeout_s,
-            timeout_s=settings.wuzapi_timeout_s,
-            breaker_fail_max=settings.breaker_fail_max,
-            breaker_reset_s=settings.breaker_reset_s,
-            on_breaker_change=breaker_changed,
-        )
-        sender = OutboundSender(
-            pool,
-            client,
-            dead_letters,
-            default_token=settings.wuzapi_token,
-            max_attempts=settings.wuzapi_max_attempts,
-            backoff_initial_s=settings.wuzapi_backoff_initial_s,
-            backoff_max_s=settings.wuzapi_backoff_max_s,
-            config_ttl_s=settings.company_cache_ttl_s,
-        )
-        manual = stream.noack()  # type: ignore[attr-defined]
-
-        async def done(event: Any) -> None:
-            await manual.ack(event)
-
-        lanes = TenantLanes(sender.handle, done, max_in_flight=settings.outbound_max_in_flight)
-        try:
-            async for event in manual.events():
-                await lanes.submit(event, _raw(event))
-        finally:
-            await lanes.stop()
-            await client.close()
-            await pool.close()
-            await agent_stopped("outbound")
-
-    return app
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    # Said at once; the agent re-raises it when it next awaits the write.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("webhooks.batch_failed", error=repr(task.exception()))
+async def _serve(agent: Agent, stream: faust.StreamT[Any]) -> None:
+    """An agent's life in Faust: what it started is stopped however its run ends."""
+    await agent.start()
+    try:
+        await agent.run(stream)
+    finally:
+        await agent.stop()
 
 
-def _headers(headers: Any) -> list[tuple[str, bytes]]:
-    if not headers:
-        return []
-    items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
+async def _declare(settings: Settings) -> None:
+    await declare_topics(
+        settings.kafka_bootstrap or "",
+        partitions=settings.topic_partitions,
+        replication=settings.topic_replication,
+    )
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        log.info("worker.metrics", url=settings.worker_metrics)
 
 
-def _raw(event: EventT[Any]) -> RawRecord:
-    message = event.message
-    return RawRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value or b"",
-        headers=_headers(message.headers),
+async def _log_assigned(sender: faust.App, assigned: set[Any], **_: Any) -> None:
+    log.info(
+        "worker.partitions_assigned",
+        partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
     )
 
 
