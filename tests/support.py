@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ import orjson
 
 from harness.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from harness.meta_samples import sign
+from harness.wuzapi_sim import chat_of
 from infra.kafka import offsets
 from infra.postgres.tenants import Tenant
 
@@ -226,8 +227,59 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> lis
     return await offsets.read_to_end(bootstrap, topic, timeout_s=timeout_s)
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """What the gateway really delivered to some chats, read from the simulator's ledger: each
+    (chat, body) with the ids it reached the chat under (two ids are two messages to the
+    recipient; a resend of one id is one), the deliveries that reached these chats, and the
+    ledger's duplicates that involve them. Not a lookup by the ids a test expects: a second send
+    under an id nobody expected shows here."""
+
+    chats: frozenset[str]
+    ids: dict[tuple[str, str | None], list[str]]  # (chat, body) -> the ids it was delivered under
+    deliveries: dict[str, dict[str, Any]]  # gateway id -> the ledger's delivery, if it reached these chats
+    duplicates: list[dict[str, Any]]
+
+    @property
+    def total(self) -> int:
+        """Messages delivered to these chats, all bodies."""
+        return sum(len(ids) for ids in self.ids.values())
+
+    def bodies(self, phone: str) -> list[str | None]:
+        """What one chat received, a body once per message, in no particular order."""
+        chat = chat_of(phone)
+        return sorted((body for (c, body), ids in self.ids.items() if c == chat for _ in ids), key=str)
+
+    def assert_once(
+        self, expected: Iterable[tuple[str, str | None]] | Mapping[tuple[str, str | None], str]
+    ) -> None:
+        """Exactly `expected` reached these chats: each (phone, body) delivered once (under the
+        gateway id given for it, when `expected` maps them to ids), every id to one chat, no
+        duplicates, and nothing else delivered to them."""
+        pairs = list(expected)
+        want = {(chat_of(phone), body) for phone, body in pairs}
+        assert len(want) == len(pairs), f"expected (phone, body) pairs repeat: {pairs}"
+        assert self.duplicates == [], f"delivered more than once: {self.duplicates}"
+        twice = {key: ids for key, ids in self.ids.items() if len(ids) != 1}
+        assert twice == {}, f"(phone, body) delivered under more than one id: {twice}"
+        assert set(self.ids) == want, (
+            f"missing {sorted(want - set(self.ids), key=str)}, "
+            f"unexpected {sorted(set(self.ids) - want, key=str)}"
+        )
+        assert self.total == len(want), (self.total, len(want))
+        reused = {k: d["chats"] for k, d in self.deliveries.items() if d["accepted"] != 1}
+        assert reused == {}, f"ids delivered to more than one chat: {reused}"
+        if isinstance(expected, Mapping):
+            wrong = {
+                (phone, body): self.ids[(chat_of(phone), body)]
+                for (phone, body), gateway_id in expected.items()
+                if self.ids[(chat_of(phone), body)] != [gateway_id]
+            }
+            assert wrong == {}, f"delivered under another id than its own: {wrong}"
+
+
 class Simulator:
-    """The WUZAPI simulator's control API: faults and the ledger of accepted sends."""
+    """The WUZAPI simulator's control API: faults and the ledger of what it delivered."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -247,6 +299,27 @@ class Simulator:
             response = await client.get(f"{self.url}/_sim/ledger")
             response.raise_for_status()
             return dict(response.json())
+
+    async def delivered_to(self, phones: Iterable[str]) -> Delivered:
+        """What the gateway delivered to these phones' chats, by content, not by expected id."""
+        return delivered_to(await self.ledger(), phones)
+
+
+def delivered_to(ledger: Mapping[str, Any], phones: Iterable[str]) -> Delivered:
+    """`Simulator.delivered_to` over a ledger already read."""
+    chats = frozenset(chat_of(p) for p in phones)
+    ids: dict[tuple[str, str | None], list[str]] = {}
+    for content in ledger["contents"]:
+        if content["phone"] in chats:
+            # One body sent as text and as a caption is still one body to the recipient.
+            ids.setdefault((content["phone"], content["body"]), []).extend(content["ids"])
+    deliveries = {k: d for k, d in ledger["deliveries"].items() if chats.intersection(d["chats"])}
+    duplicates = [
+        d
+        for d in ledger["duplicates"]
+        if (d["kind"] == "id" and chats.intersection(d["chats"])) or d.get("phone") in chats
+    ]
+    return Delivered(chats, ids, deliveries, duplicates)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

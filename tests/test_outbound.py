@@ -20,11 +20,12 @@ from harness.meta_samples import wa_change, wa_envelope, wa_message
 from infra.kafka.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
 from infra.postgres.tenants import Tenant, upsert_tenant
 from schemas.deadletter import DeadLetter
-from schemas.outbound import OutboundMessage
+from schemas.outbound import OutboundMessage, gateway_message_id
 from tests.support import (
     CortexxProcess,
     ServiceUrls,
     Simulator,
+    delivered_to,
     metric,
     post_signed,
     read_topic,
@@ -133,9 +134,12 @@ async def _dead_letters(services: ServiceUrls, tenant: Tenant) -> list[tuple[str
     return out
 
 
-def _delivered(ledger: dict, messages: list[OutboundMessage]) -> dict[str, int]:
-    deliveries = ledger["deliveries"]
-    return {m.id: deliveries[m.gateway_id]["accepted"] for m in messages if m.gateway_id in deliveries}
+async def _delivered_once(wuzapi: Simulator, messages: list[OutboundMessage]) -> None:
+    """What the gateway delivered to these messages' phones is these messages, each once and
+    under its own gateway id: a second send under any other id, or anything else sent to them,
+    fails it (the ledger counts by content, not only by the ids looked up)."""
+    delivered = await wuzapi.delivered_to({m.to for m in messages})
+    delivered.assert_once({(m.to, m.text): m.gateway_id for m in messages})
 
 
 async def _fast_tenant(db, tenant: Tenant, rate: float = 500.0) -> None:
@@ -159,6 +163,7 @@ async def test_a_reply_is_sent_once_and_marked_sent(db, services, tenant: Tenant
         "path": "/chat/send/text",
         "body": message.text,
     }
+    await _delivered_once(wuzapi, [message])
 
 
 async def test_two_companies_sharing_a_gateway_may_pick_the_same_reply_id(
@@ -176,11 +181,9 @@ async def test_two_companies_sharing_a_gateway_may_pick_the_same_reply_id(
     [second] = await _queue_replies(db, services, other, [customer], ids=[first.id], text="Other reply")
     assert first.id == second.id
     await wait_until(lambda: _all_sent(db, [second]), what="the second reply sent")
-    ledger = await wuzapi.ledger()
-    bodies = sorted(c["body"] for c in ledger["contents"] if c["phone"] == customer and c["delivered"])
-    assert bodies == sorted([first.text, second.text]), ledger["contents"]
-    assert ledger["deliveries"][first.gateway_id]["accepted"] == 1
-    assert ledger["deliveries"][second.gateway_id]["accepted"] == 1
+    assert first.gateway_id != second.gateway_id
+    # Both reached the customer, each once, under its company's own id.
+    await _delivered_once(wuzapi, [first, second])
 
 
 async def test_wuzapi_down_costs_only_delay(db, services, tenant: Tenant, wuzapi: Simulator):
@@ -193,9 +196,7 @@ async def test_wuzapi_down_costs_only_delay(db, services, tenant: Tenant, wuzapi
     )
     await wait_until(lambda: _all_sent(db, messages), timeout_s=120, interval_s=0.5, what="500 replies sent")
     assert time.monotonic() - started >= 29, "nothing can be delivered while WUZAPI is down"
-    delivered = _delivered(await wuzapi.ledger(), messages)
-    assert len(delivered) == 500
-    assert set(delivered.values()) == {1}
+    await _delivered_once(wuzapi, messages)
     assert await _dead_letters(services, tenant) == []
 
 
@@ -244,8 +245,9 @@ async def test_hanging_wuzapi_opens_the_breaker_and_ingest_is_unaffected(
 
     await wuzapi.faults(hang=False)
     await wait_until(lambda: _all_sent(db, messages), timeout_s=60, what="replies sent after the hang")
-    delivered = _delivered(await wuzapi.ledger(), messages)
-    assert set(delivered.values()) == {1} and len(delivered) == 20
+    # Every call that hung was delivered when the hang ended, and every retry of it went under
+    # the same id: one message each to the 20 recipients.
+    await _delivered_once(wuzapi, messages)
     assert await _dead_letters(services, tenant) == []
 
 
@@ -265,8 +267,7 @@ async def test_erratic_5xx_every_message_once_retries_in_metrics(
         )
         after = metric((await client.get(metrics_url)).text, "cortexx_outbound_retries_total")
     assert after - before >= 10
-    delivered = _delivered(await wuzapi.ledger(), messages)
-    assert len(delivered) == 200 and set(delivered.values()) == {1}
+    await _delivered_once(wuzapi, messages)
     assert await _dead_letters(services, tenant) == []
 
 
@@ -318,6 +319,8 @@ async def test_a_400_is_dead_lettered_and_replay_after_the_fix_delivers_once(
     assert "replayed 1" in replayed.stdout
     await wait_until(lambda: _all_sent(db, [bad]), what="the replayed reply sent")
 
+    sends_of_bad = (await wuzapi.ledger())["deliveries"][bad.gateway_id]["requests"]
+
     again = _cortexx(services, "dlq", "replay", letter_id)
     assert "replayed 0; skipped 1" in again.stdout
     forced = _cortexx(services, "dlq", "replay", letter_id, "--force")
@@ -325,7 +328,10 @@ async def test_a_400_is_dead_lettered_and_replay_after_the_fix_delivers_once(
     # Forced or not, the gateway sees the message once: the worker knows it was sent.
     marker = (await _queue_replies(db, services, tenant, ["4915774400003"]))[0]
     await wait_until(lambda: _all_sent(db, [marker]), what="a later reply")
-    assert _delivered(await wuzapi.ledger(), [good, bad]) == {good.id: 1, bad.id: 1}
+    await _delivered_once(wuzapi, [good, bad, marker])
+    # Same lane, so the forced replay was handled before the marker: it sent nothing at all, not
+    # even a resend of the same id (which the ledger would count as one message).
+    assert (await wuzapi.ledger())["deliveries"][bad.gateway_id]["requests"] == sends_of_bad
 
 
 async def test_a_replay_that_fails_again_keeps_its_attempts(db, services, tenant: Tenant, wuzapi: Simulator):
@@ -345,7 +351,12 @@ async def test_a_replay_that_fails_again_keeps_its_attempts(db, services, tenant
     assert second.history == [first.error]
     assert second.value == first.value
     assert dict(second.header_bytes())["cortexx-replay-of"] == first_id.encode()
-    assert message.gateway_id not in (await wuzapi.ledger())["deliveries"]
+    # Refused twice: nothing reached the phone, under its id or any other, nor went anywhere
+    # under its id.
+    ledger = await wuzapi.ledger()
+    assert message.gateway_id not in ledger["deliveries"]
+    nothing = delivered_to(ledger, [phone])
+    assert (nothing.total, nothing.deliveries, nothing.duplicates) == (0, {}, [])
 
 
 async def test_unauthorized_token_dead_letters_with_the_reason(
@@ -394,9 +405,9 @@ async def test_rate_limit_per_tenant_holds(db, services, tenant: Tenant, wuzapi:
         messages = await _queue_replies(db, services, tenant, ["4915774800001"], per_phone=11)
         await wait_until(lambda: _all_sent(db, messages), timeout_s=30, what="11 replies")
         after = metric((await client.get(metrics_url)).text, "cortexx_outbound_rate_limit_waits_total")
-    times = sorted(
-        d["first_at"] for d in (await wuzapi.ledger())["deliveries"].values() if d["phone"] == "4915774800001"
-    )
+    delivered = await wuzapi.delivered_to(["4915774800001"])
+    delivered.assert_once({(m.to, m.text): m.gateway_id for m in messages})
+    times = sorted(d["first_at"] for d in delivered.deliveries.values())
     assert len(times) == 11
     # 5 per second with a bucket of 1: ten gaps of at least ~0.2 s.
     assert times[-1] - times[0] >= 1.8
@@ -438,10 +449,8 @@ async def test_auto_replies_once_per_window_even_when_redelivered(
             assert (await post_signed(client, ingest.url, tenant, envelope)).status_code == 200
 
         async def welcomed():
-            bodies = [
-                d["body"] for d in (await wuzapi.ledger())["deliveries"].values() if d["phone"] == sender
-            ]
-            return bodies or None
+            # Every message the gateway delivered to the sender, by body (not by expected id).
+            return (await wuzapi.delivered_to([sender])).bodies(sender) or None
 
         assert await wait_until(welcomed, what="the welcome") == ["Welcome to Test Co!"]
         # Closed all week from now on: the next message gets the away reply, once.
@@ -470,6 +479,13 @@ async def test_auto_replies_once_per_window_even_when_redelivered(
     bodies = await wait_until(welcomed, what="both replies")
     assert sorted(bodies) == ["We are closed.", "Welcome to Test Co!"]
     replies = await db.fetch(
-        "SELECT kind, window_key FROM auto_replies WHERE company_id = $1 ORDER BY kind", tenant.id
+        "SELECT kind, window_key, outbound_id FROM auto_replies WHERE company_id = $1 ORDER BY kind",
+        tenant.id,
     )
     assert [r["kind"] for r in replies] == ["away", "welcome"]
+    # Each once, under the id its auto_replies row holds: none again under another id.
+    texts = {"away": "We are closed.", "welcome": "Welcome to Test Co!"}
+    delivered = await wuzapi.delivered_to([sender])
+    delivered.assert_once(
+        {(sender, texts[r["kind"]]): gateway_message_id(tenant.id, r["outbound_id"]) for r in replies}
+    )

@@ -171,8 +171,12 @@ async def test_operator_finds_and_replays_a_failed_webhook(
                 return status == "sent"
 
             await wait_until(delivered, what="the replayed reply sent")
-            ledger = await wuzapi.ledger()
-            assert ledger["deliveries"][gateway_message_id(tenant.id, message_id)]["accepted"] == 1
+            # The one message the phone got is the reply, under its own id: the failed first
+            # send delivered nothing and the replay sent it once.
+            delivered = await wuzapi.delivered_to([phone])
+            delivered.assert_once(
+                {(phone, "Your order has shipped"): gateway_message_id(tenant.id, message_id)}
+            )
             assert await db.fetchval("SELECT count(*) FROM messages WHERE external_id = $1", message_id) == 1
             audit = await db.fetch("SELECT replayed_by FROM dlq_replay_events WHERE dlq_id = $1", letter_id)
             assert [r["replayed_by"] for r in audit] == [f"ops:{admin.email}"]

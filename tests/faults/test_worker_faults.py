@@ -17,10 +17,18 @@ import pytest
 
 from harness.embedded import EmbeddedBroker, EmbeddedPostgres
 from infra.postgres.tenants import Tenant
+from schemas.outbound import gateway_message_id
 from tests.api.world import auth, login, new_company
 from tests.faults.load import LoadResult, run_load
 from tests.faults.report import record
-from tests.support import CortexxProcess, ServiceUrls, Simulator, started_broker, wait_until
+from tests.support import (
+    CortexxProcess,
+    Delivered,
+    ServiceUrls,
+    Simulator,
+    started_broker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("wuzapi")
 
@@ -55,6 +63,7 @@ async def test_worker_killed_5_times_during_5000_webhooks(
         "rate_limit_burst = 1000 WHERE id = $1",
         tenant.id,
     )
+    await wuzapi.reset()  # a ledger of this test's sends only
     worker = CortexxProcess.worker(services, company_cache_ttl_s=0.5)
     worker.log_path = services.data_dir / "worker-kill9.log"
     worker.start()
@@ -77,23 +86,35 @@ async def test_worker_killed_5_times_during_5000_webhooks(
         figures = await _check_exactly_once(db, tenant, wamids)
         assert figures == {"lost": 0, "duplicated": 0, "stored": 5000}
 
-        # One welcome per conversation (200 contacts), each sent once.
-        async def welcomed() -> list[str] | None:
-            ledger = (await wuzapi.ledger())["deliveries"]
-            mine = [
-                d
-                for d in ledger.values()
-                if d["body"] == "Hello from Test Co" and d["phone"].startswith("4917")
-            ]
-            return mine if len(mine) >= 200 else None
+        # One welcome per conversation (200 contacts): one auto_replies row each.
+        welcomes = {
+            r["phone_number"]: r["outbound_id"]
+            for r in await db.fetch(
+                "SELECT c.phone_number, ar.outbound_id FROM auto_replies ar"
+                " JOIN conversations cv ON cv.id = ar.conversation_id"
+                " JOIN contacts c ON c.id = cv.contact_id"
+                " WHERE ar.company_id = $1 AND ar.kind = 'welcome'",
+                tenant.id,
+            )
+        }
+        assert len(welcomes) == 200
 
-        deliveries = await wait_until(welcomed, timeout_s=60, what="200 welcomes")
-        # One welcome id per conversation: a kill between a send and its "sent" row resends the
-        # same id (the same WhatsApp message), never a second welcome under a new id.
-        phones = [d["phone"] for d in deliveries]
-        assert len(phones) == len(set(phones)) == 200
+        async def welcomed() -> Delivered | None:
+            delivered = await wuzapi.delivered_to(welcomes)
+            return delivered if delivered.total >= 200 else None
+
+        await wait_until(welcomed, timeout_s=60, what="200 welcomes")
         await asyncio.sleep(1)
-        assert len(await welcomed() or []) == 200
+        # Each delivered once, under its row's id: a kill between a send and its "sent" row
+        # resends the same id (the same WhatsApp message, counted once), never a second welcome
+        # under a new id, and nothing else reached the 200 contacts.
+        delivered = await wuzapi.delivered_to(welcomes)
+        delivered.assert_once(
+            {
+                (phone, "Hello from Test Co"): gateway_message_id(tenant.id, outbound_id)
+                for phone, outbound_id in welcomes.items()
+            }
+        )
         record(
             "worker kill -9 five times during 5,000 webhooks",
             sent=result.sent,
@@ -101,9 +122,9 @@ async def test_worker_killed_5_times_during_5000_webhooks(
             stored=figures["stored"],
             duplicated=figures["duplicated"],
             lost=figures["lost"],
-            auto_replies_sent=len(phones),
-            auto_replies_twice=len(phones) - len(set(phones)),
-            auto_reply_resends_of_same_id=sum(d["requests"] - 1 for d in deliveries),
+            auto_replies_sent=delivered.total,
+            auto_replies_twice=len(delivered.duplicates),
+            auto_reply_resends_of_same_id=sum(d["requests"] - 1 for d in delivered.deliveries.values()),
         )
     finally:
         worker.stop()
