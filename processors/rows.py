@@ -24,6 +24,7 @@ import orjson
 
 from processors.autoreply import Company, auto_replies_due
 from schemas.meta import WHATSAPP_OBJECT
+from schemas.previews import clip
 from schemas.records import WebhookRecord
 
 # sent < delivered < read < played (a voice note listened to); failed is terminal (ranked above
@@ -38,7 +39,6 @@ STATUS_RANK: dict[str, int] = {
     "played": 4,
     "failed": 9,
 }
-PREVIEW_MAX = 200
 
 ContactKey = tuple[int, str, str]  # company_id, phone number (wa_id) or scoped id, channel
 MessageKey = tuple[int, str]  # company_id, external_id (wamid or mid)
@@ -72,14 +72,6 @@ def epoch(value: Any) -> float:
     if not _EPOCH_MIN <= number <= _EPOCH_MAX:
         raise PoisonRecord(f"timestamp out of range {value!r}")
     return number
-
-
-def clip(text: Any) -> str | None:
-    """A conversation's (and a notification's) preview of a message body."""
-    if text is None:
-        return None
-    out = str(text)
-    return out if len(out) <= PREVIEW_MAX else out[: PREVIEW_MAX - 1] + "\u2026"
 
 
 def whatsapp_body(message: dict[str, Any]) -> str:

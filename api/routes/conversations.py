@@ -40,12 +40,12 @@ from infra.kafka.producer import BrokerUnavailable
 from infra.kafka.topics import WUZAPI_OUTBOUND
 from infra.runtime.logging import get_logger
 from schemas.outbound import OutboundMessage
+from schemas.previews import clip
 
 log = get_logger("api.conversations")
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
 
-PREVIEW_MAX = 200
 # Deltas summed by a counts read above which the read folds them (a few dozen is the norm).
 FOLD_ABOVE_ROWS = 256
 ConversationId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -192,7 +192,7 @@ async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, serv
                 raise ApiError(409, "id_in_use", "that id belongs to another message")
             queue = row["status"] == "pending"
         else:
-            preview = body.text if len(body.text) <= PREVIEW_MAX else body.text[: PREVIEW_MAX - 1] + "\u2026"
+            preview = clip(body.text)
             await db.execute(REPLY_BUMP_CONVERSATION, conversation_id, row["id"], row["sent_at"], preview)
     if not queue:
         return message_out(row)

@@ -22,13 +22,11 @@ from harness.meta_samples import (
 from ingest.envelope import split_envelope
 from processors.autoreply import Company
 from processors.rows import (
-    PREVIEW_MAX,
     STATUS_RANK,
     Message,
     PoisonRecord,
     RowSet,
     bumps_and_notifications,
-    clip,
     delivered_rows,
     epoch,
     event_key,
@@ -39,6 +37,7 @@ from processors.rows import (
     to_rows,
 )
 from schemas.meta import WHATSAPP_OBJECT
+from schemas.previews import PREVIEW_MAX, clip
 from schemas.records import WebhookRecord
 
 ACME = Company(
