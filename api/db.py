@@ -18,7 +18,6 @@ database answers 503 after that time, not after the acquire's timeout and then t
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,9 +66,8 @@ def session_state(sql: str) -> str | None:
     return None
 
 
-@functools.cache
 def _check_session_state(name: str, sql: str) -> None:
-    # Cached: ScopedDb builds a Query per call, and a statement's text never changes.
+    # Once per statement, where it is defined (module constants): never on a request's path.
     found = session_state(sql)
     if found is not None:
         raise ValueError(f"{name}: a statement may not leave session state on a pooled connection: {found}")
@@ -125,6 +123,11 @@ class Deadline:
         return left
 
 
+# Any named statement: Db runs what it is given; ScopedDb supplies a company or user query's
+# leading parameters first.
+Statement = Query | CompanyQuery | UserQuery
+
+
 class Db:
     """One pooled connection for one request: every statement named, timed, bounded by the
     request's deadline (none: the pool's command timeout), and mapped to 503 when the database
@@ -145,7 +148,7 @@ class Db:
     def _timeout(self) -> float | None:
         return None if self._deadline is None else self._deadline.left()
 
-    async def _run(self, query: Query, call: Callable[[], Awaitable[T]]) -> T:
+    async def _run(self, query: Statement, call: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         try:
             return await call()
@@ -160,16 +163,16 @@ class Db:
                 SLOW_QUERIES.labels(query.name).inc()
                 log.warning("db.slow_query", query=query.name, ms=round(elapsed * 1000, 2))
 
-    async def fetch(self, query: Query, *args: Any) -> list[asyncpg.Record]:
+    async def fetch(self, query: Statement, *args: Any) -> list[asyncpg.Record]:
         return await self._run(query, lambda: self._conn.fetch(query.sql, *args, timeout=self._timeout()))
 
-    async def fetchrow(self, query: Query, *args: Any) -> asyncpg.Record | None:
+    async def fetchrow(self, query: Statement, *args: Any) -> asyncpg.Record | None:
         return await self._run(query, lambda: self._conn.fetchrow(query.sql, *args, timeout=self._timeout()))
 
-    async def fetchval(self, query: Query, *args: Any) -> Any:
+    async def fetchval(self, query: Statement, *args: Any) -> Any:
         return await self._run(query, lambda: self._conn.fetchval(query.sql, *args, timeout=self._timeout()))
 
-    async def execute(self, query: Query, *args: Any) -> str:
+    async def execute(self, query: Statement, *args: Any) -> str:
         return await self._run(query, lambda: self._conn.execute(query.sql, *args, timeout=self._timeout()))
 
     def transaction(self) -> Transaction:
@@ -216,26 +219,22 @@ class ScopedDb:
         self.company_id = user.company_id
         self.user_id = user.id
 
-    def _bind(self, query: CompanyQuery | UserQuery, args: tuple[Any, ...]) -> tuple[Query, tuple[Any, ...]]:
+    def _bind(self, query: CompanyQuery | UserQuery, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if isinstance(query, UserQuery):
-            return Query(query.name, query.sql), (self.company_id, self.user_id, *args)
-        return Query(query.name, query.sql), (self.company_id, *args)
+            return (self.company_id, self.user_id, *args)
+        return (self.company_id, *args)
 
     async def fetch(self, query: CompanyQuery | UserQuery, *args: Any) -> list[asyncpg.Record]:
-        plain, bound = self._bind(query, args)
-        return await self._db.fetch(plain, *bound)
+        return await self._db.fetch(query, *self._bind(query, args))
 
     async def fetchrow(self, query: CompanyQuery | UserQuery, *args: Any) -> asyncpg.Record | None:
-        plain, bound = self._bind(query, args)
-        return await self._db.fetchrow(plain, *bound)
+        return await self._db.fetchrow(query, *self._bind(query, args))
 
     async def fetchval(self, query: CompanyQuery | UserQuery, *args: Any) -> Any:
-        plain, bound = self._bind(query, args)
-        return await self._db.fetchval(plain, *bound)
+        return await self._db.fetchval(query, *self._bind(query, args))
 
     async def execute(self, query: CompanyQuery | UserQuery, *args: Any) -> str:
-        plain, bound = self._bind(query, args)
-        return await self._db.execute(plain, *bound)
+        return await self._db.execute(query, *self._bind(query, args))
 
     def transaction(self) -> Transaction:
         return self._db.transaction()

@@ -200,6 +200,11 @@ class WuzapiSimulator:
             return self._error(status, message, retry_after=faults.retry_after_s if status == 429 else None)
         return None
 
+    async def _admitted_payload(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """A send's or markread's body, once the call got past `_refused`; else the refusal."""
+        refused = self._refused(request)
+        return refused if refused is not None else await self._payload(request)
+
     async def _payload(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
             payload = orjson.loads(await request.read())
@@ -220,10 +225,7 @@ class WuzapiSimulator:
         return await self._guarded(request, self._send)
 
     async def _send(self, request: web.Request, epoch: int) -> web.StreamResponse:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        payload = await self._payload(request)
+        payload = await self._admitted_payload(request)
         if isinstance(payload, web.Response):
             return payload
         phone = str(payload.get("Phone") or "")
@@ -280,10 +282,7 @@ class WuzapiSimulator:
         return await self._guarded(request, self._markread)
 
     async def _markread(self, request: web.Request, epoch: int) -> web.StreamResponse:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        payload = await self._payload(request)
+        payload = await self._admitted_payload(request)
         if isinstance(payload, web.Response):
             return payload
         # WUZAPI checks Chat before Id.
