@@ -37,11 +37,12 @@ from infra.postgres.tenants import Tenant, upsert_tenant
 from ingest.envelope import split_envelope
 from processors import webhooks
 from processors.autoreply import CompanyCache
-from processors.rows import PREVIEW_MAX, to_rows
+from processors.rows import to_rows
 from processors.webhooks import RawRecord, WebhookWriter, create_writer_pool
 from processors.writer import RowWriter, load_companies
 from schemas.deadletter import DeadLetter
 from schemas.outbound import OutboundMessage
+from schemas.previews import PREVIEW_MAX
 from schemas.records import WebhookRecord
 from tests.support import ServiceUrls
 
