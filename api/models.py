@@ -56,7 +56,18 @@ class SessionOut(BaseModel):
 
 class ContactOut(BaseModel):
     id: int
-    phone_number: str
+    phone_number: str | None = Field(
+        description="WhatsApp: the phone number (wa_id), null for a user who does not share it (a "
+        "username user: replies cannot go out until it is known). Messenger / Instagram: the "
+        "page-scoped id."
+    )
+    user_id: str | None = Field(
+        description="WhatsApp: the business-scoped user id (BSUID), where Meta gave one."
+    )
+    username: str | None = Field(
+        description="WhatsApp: the user's username (e.g. @pablo), where they have one."
+    )
+    parent_user_id: str | None = Field(description="WhatsApp: the parent BSUID of linked portfolios.")
     name: str | None
 
 
@@ -70,6 +81,9 @@ class ConversationOut(BaseModel):
     unread_count: int
     created_at: datetime
     updated_at: datetime
+    referral: dict[str, Any] | None = Field(
+        description="The click-to-WhatsApp ad (or post) its first message came from, as Meta sent it."
+    )
 
 
 class ConversationPage(BaseModel):
@@ -84,18 +98,44 @@ class StatusCounts(BaseModel):
     total: int = 0
 
 
+class QuotedOut(BaseModel):
+    external_id: str = Field(description="The quoted message's WhatsApp / Messenger id.")
+    id: int | None = Field(description="Its id here; null if it is not stored (sent before, or elsewhere).")
+    direction: Literal["inbound", "outbound"] | None
+    type: str | None
+    body: str | None = Field(description="Null if unknown, or if its sender deleted it.")
+
+
+class ReactionOut(BaseModel):
+    emoji: str
+    contact_id: int = Field(description="Who reacted (one reaction each; the latest counts).")
+    at: datetime
+
+
 class MessageOut(BaseModel):
     id: int
     conversation_id: int
     external_id: str
     direction: Literal["inbound", "outbound"]
     type: str
-    body: str | None
+    body: str | None = Field(description="The text (its latest edit); null when its sender deleted it.")
     status: str
     status_at: datetime | None
-    error: Any
+    error: Any = Field(
+        description="What Meta said went wrong: a failed status's errors, or an inbound message's."
+    )
     sent_at: datetime
     created_at: datetime
+    edited_at: datetime | None = Field(description="When its sender last edited it; null if never.")
+    deleted: bool = Field(
+        description="Its sender deleted it (revoked): kept for audit, its content not shown."
+    )
+    forwarded: bool
+    referral: dict[str, Any] | None = Field(
+        description="The click-to-WhatsApp ad it came from, as Meta sent it."
+    )
+    reply_to: QuotedOut | None = Field(description="The message it replies to.")
+    reactions: list[ReactionOut]
 
 
 class MessagePage(BaseModel):

@@ -90,7 +90,8 @@ LIST_CONVERSATIONS = CompanyQuery(
     "conversations.list",
     """
 SELECT c.id, c.status, c.channel, c.last_message_at, c.last_message_preview, c.unread_count,
-       c.created_at, c.updated_at, ct.id AS contact_id, ct.phone_number, ct.name AS contact_name
+       c.created_at, c.updated_at, c.referral, ct.id AS contact_id, ct.phone_number,
+       ct.user_id, ct.username, ct.parent_user_id, ct.name AS contact_name
   FROM conversations c
   JOIN contacts ct ON ct.id = c.contact_id
  WHERE c.company_id = $1 AND c.deleted_at IS NULL
@@ -104,7 +105,8 @@ LIST_CONVERSATIONS_BY_STATUS = CompanyQuery(
     "conversations.list_by_status",
     """
 SELECT c.id, c.status, c.channel, c.last_message_at, c.last_message_preview, c.unread_count,
-       c.created_at, c.updated_at, ct.id AS contact_id, ct.phone_number, ct.name AS contact_name
+       c.created_at, c.updated_at, c.referral, ct.id AS contact_id, ct.phone_number,
+       ct.user_id, ct.username, ct.parent_user_id, ct.name AS contact_name
   FROM conversations c
   JOIN contacts ct ON ct.id = c.contact_id
  WHERE c.company_id = $1 AND c.deleted_at IS NULL AND c.status = $4
@@ -142,7 +144,8 @@ GET_CONVERSATION = CompanyQuery(
     "conversations.get",
     """
 SELECT c.id, c.status, c.channel, c.last_message_at, c.last_message_preview, c.unread_count,
-       c.created_at, c.updated_at, ct.id AS contact_id, ct.phone_number, ct.name AS contact_name
+       c.created_at, c.updated_at, c.referral, ct.id AS contact_id, ct.phone_number,
+       ct.user_id, ct.username, ct.parent_user_id, ct.name AS contact_name
   FROM conversations c
   JOIN contacts ct ON ct.id = c.contact_id
  WHERE c.company_id = $1 AND c.id = $2 AND c.deleted_at IS NULL
@@ -154,23 +157,52 @@ CONVERSATION_EXISTS = CompanyQuery(
     "SELECT true FROM conversations WHERE company_id = $1 AND id = $2 AND deleted_at IS NULL",
 )
 
+# A message as the read API shows it (`MessageOut`, its fields in its order): a revoked one
+# without its body (kept for audit, not shown), the message it quotes (by external id: it may be
+# unknown here, then only its id is given), and its reactions (removals are kept as NULL emoji,
+# and not shown). `m` is the message; the joins go after its FROM.
+MESSAGE_FIELDS = """
+m.id, m.conversation_id, m.external_id, m.direction, m.type,
+CASE WHEN m.deleted_at IS NULL THEN m.body END AS body,
+m.status, m.status_at, m.error, m.sent_at, m.created_at, m.edited_at,
+m.deleted_at IS NOT NULL AS deleted, m.forwarded, m.referral,
+CASE WHEN m.reply_to IS NOT NULL THEN json_build_object(
+    'external_id', m.reply_to, 'id', q.id, 'direction', q.direction, 'type', q.type,
+    'body', CASE WHEN q.deleted_at IS NULL THEN q.body END) END AS reply_to,
+COALESCE(r.reactions, '[]'::json) AS reactions
+"""
+MESSAGE_JOINS = """
+LEFT JOIN messages q ON q.company_id = m.company_id AND q.external_id = m.reply_to
+LEFT JOIN LATERAL (
+    SELECT json_agg(json_build_object(
+               'emoji', x.emoji, 'contact_id', x.contact_id,
+               'at', to_char(x.reacted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))
+               ORDER BY x.reacted_at, x.contact_id) AS reactions
+      FROM message_reactions x
+     WHERE x.company_id = m.company_id AND x.message_external_id = m.external_id
+       AND x.emoji IS NOT NULL
+) r ON true
+"""
+
 # Messages of one conversation: append-only, so the keyset is stable by nature. The statement
 # answers nothing unless the conversation is there and not deleted (a one-time check, not per
 # row), so that a page costs one round trip; CONVERSATION_EXISTS then tells an empty page from
-# a missing conversation.
+# a missing conversation. The joins run for the page's rows only (after the LIMIT).
 
 LIST_MESSAGES = CompanyQuery(
     "messages.list",
-    """
-SELECT id, conversation_id, external_id, direction, type, body, status, status_at, error,
-       sent_at, created_at
-  FROM messages
- WHERE company_id = $1 AND conversation_id = $2
-   AND (created_at, id) < ($3, $4)
-   AND EXISTS (SELECT 1 FROM conversations
-                WHERE company_id = $1 AND id = $2 AND deleted_at IS NULL)
- ORDER BY created_at DESC, id DESC
- LIMIT $5
+    f"""
+SELECT {MESSAGE_FIELDS}
+  FROM (SELECT *
+          FROM messages
+         WHERE company_id = $1 AND conversation_id = $2
+           AND (created_at, id) < ($3, $4)
+           AND EXISTS (SELECT 1 FROM conversations
+                        WHERE company_id = $1 AND id = $2 AND deleted_at IS NULL)
+         ORDER BY created_at DESC, id DESC
+         LIMIT $5) AS m
+{MESSAGE_JOINS}
+ ORDER BY m.created_at DESC, m.id DESC
 """,
 )
 
@@ -178,7 +210,7 @@ SELECT id, conversation_id, external_id, direction, type, body, status, status_a
 REPLY_TARGET = CompanyQuery(
     "reply.target",
     """
-SELECT c.id, c.channel, ct.phone_number, co.slug
+SELECT c.id, c.channel, ct.phone_number, ct.username, co.slug
   FROM conversations c
   JOIN contacts ct ON ct.id = c.contact_id
   JOIN companies co ON co.id = c.company_id
@@ -198,17 +230,18 @@ SELECT c.company_id, c.id, $3, 'outbound', 'text', $4, $5, 'pending', 0, now()
  WHERE c.company_id = $1 AND c.id = $2
 ON CONFLICT (company_id, external_id) DO NOTHING
 RETURNING id, conversation_id, external_id, direction, type, body, status, status_at, error,
-          sent_at, created_at
+          sent_at, created_at, edited_at, false AS deleted, forwarded, referral,
+          NULL::json AS reply_to, '[]'::json AS reactions
 """,
 )
 
 REPLY_EXISTING = CompanyQuery(
     "reply.existing",
-    """
-SELECT id, conversation_id, external_id, direction, type, body, status, status_at, error,
-       sent_at, created_at
-  FROM messages
- WHERE company_id = $1 AND external_id = $2
+    f"""
+SELECT {MESSAGE_FIELDS}
+  FROM messages m
+{MESSAGE_JOINS}
+ WHERE m.company_id = $1 AND m.external_id = $2
 """,
 )
 

@@ -2,8 +2,11 @@
 
 A WhatsApp `messages` change is split per message and per status (each keeps the change's
 metadata, its own contact and every other field of the value), so each record can be keyed by
-the conversation it belongs to. Messenger / Instagram events are one record each. Any other
-change is one record, keyed by tenant and field, and kept as it is.
+the user it is about: by business-scoped user id (BSUID) where Meta gives one, else by phone
+number, so that one user's events keep their order with or without a phone. A `user_id_update`
+is keyed by the user's new BSUID, the one their next messages carry. Messenger / Instagram
+events are one record each. Any other change is one record, keyed by tenant and field, and kept
+as it is.
 
 Because each part copies the change's other fields, a small POST can make many large records; a
 `Budget` bounds what one POST may produce (records, bytes in all, bytes in one record) and is
@@ -45,8 +48,20 @@ class Budget:
             raise OverBudget(f"the envelope would be stored as more than {self.max_bytes} bytes")
 
 
+def _plain(value: Any) -> str:
+    """An id as text, if it is a plain value (Meta leaves a phone out when it is not shared)."""
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+
+
+def _ids(part: Any, user_id: str, phone: str) -> tuple[str, str]:
+    """A message's or status's user: (BSUID, phone number), each "" where not given."""
+    if not isinstance(part, dict):
+        return "", ""
+    return _plain(part.get(user_id)), _plain(part.get(phone))
+
+
 def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (contact id, value holding one message or one status) for a `messages` change."""
+    """Yield (user, value holding one message or one status) for a `messages` change."""
     messages = value.get("messages")
     statuses = value.get("statuses")
     if not isinstance(messages, list):
@@ -59,26 +74,47 @@ def _whatsapp_parts(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
     rest = {k: v for k, v in value.items() if k not in _SPLIT_KEYS}
     raw_contacts = value.get("contacts")
     contacts: list[Any] = raw_contacts if isinstance(raw_contacts, list) else []
-    # Only a contact whose wa_id is a plain value can be matched to its message's sender; any other
-    # shape is kept, with the other contacts, on every message of the change.
-    by_wa_id = {
-        str(c["wa_id"]): c for c in contacts if isinstance(c, dict) and isinstance(c.get("wa_id"), str | int)
-    }
+    # Only a contact whose user_id or wa_id is a plain value can be matched to its message's
+    # sender; any other shape is kept, with the other contacts, on every message of the change.
+    by_id: dict[str, Any] = {}
+    for c in contacts:
+        if isinstance(c, dict):
+            for id_ in (_plain(c.get("wa_id")), _plain(c.get("user_id"))):
+                if id_:
+                    by_id[id_] = c
     for message in messages:
-        sender = str(message.get("from", "")) if isinstance(message, dict) else ""
+        user_id, phone = _ids(message, "from_user_id", "from")
+        system = message.get("system") if isinstance(message, dict) else None
+        if isinstance(system, dict) and _plain(system.get("user_id")):
+            # A changed number or BSUID: filed under the new id, where the user's messages go next.
+            user_id = _plain(system.get("user_id"))
         part = dict(rest)
-        contact = by_wa_id.get(sender)
+        contact = by_id.get(user_id) or by_id.get(phone)
         if contact is not None:
             part["contacts"] = [contact]
+            user_id = user_id or _plain(contact.get("user_id"))  # the worker completes it so too
         elif contacts:
             part["contacts"] = contacts
         part["messages"] = [message]
-        yield sender, part
+        yield user_id or phone, part
     for status in statuses:
-        recipient = str(status.get("recipient_id", "")) if isinstance(status, dict) else ""
+        # A status's contact card (delivered and read ones carry the username) goes with it.
+        user_id, phone = _ids(status, "recipient_user_id", "recipient_id")
         part = dict(rest)
+        contact = by_id.get(user_id) or by_id.get(phone)
+        if contact is not None:
+            part["contacts"] = [contact]
+            user_id = user_id or _plain(contact.get("user_id"))
         part["statuses"] = [status]
-        yield recipient, part
+        yield user_id or phone, part
+
+
+def _user_id_update_key(value: dict[str, Any]) -> str:
+    """The new BSUID of a `user_id_update`'s first update (where its user's messages go next)."""
+    updates = value.get("user_id_update")
+    first = updates[0] if isinstance(updates, list) and updates else None
+    ids = first.get("user_id") if isinstance(first, dict) else None
+    return _plain(ids.get("current")) if isinstance(ids, dict) else ""
 
 
 def _messaging_party(event: dict[str, Any], page_id: str) -> str:
@@ -113,10 +149,13 @@ def split_envelope(
         for change in entry.get("changes") or ():
             field = change["field"]
             value = change["value"]
-            if obj == WHATSAPP_OBJECT and field == "messages":
+            if obj == WHATSAPP_OBJECT and field in ("messages", "user_id_update"):
                 metadata = value.get("metadata")
                 phone_id = str(metadata.get("phone_number_id", "")) if isinstance(metadata, dict) else ""
-                parts = [(f"{phone_id}:{contact}", part) for contact, part in _whatsapp_parts(value)]
+                if field == "messages":
+                    parts = [(f"{phone_id}:{user}", part) for user, part in _whatsapp_parts(value)]
+                else:
+                    parts = [(f"{phone_id}:{_user_id_update_key(value)}", value)]
             else:
                 parts = [(f"{entry_id}:{field}", value)]
             for conversation, payload in parts:

@@ -1,20 +1,22 @@
 """Webhook records into row sets: the worker's rules for what a record means, with no database.
 
 `to_rows` turns a batch of `meta.webhooks` records into the rows they stand for (contacts,
-messages, delivery statuses, Messenger receipts, kept events) and sets aside, record by record,
+messages, reactions, edits and revokes, identity changes, delivery statuses, Messenger receipts,
+kept events) and sets aside, record by record,
 those that can never be stored (`PoisonRecord`): a record is all in or all out. What needs the
 database's answer (which messages are new, which conversations were just created, their ids) is
 decided by the functions below it, also pure, given those answers: conversation bumps,
 notifications, auto-replies due, status rows. `processors.writer.RowWriter` runs the statements.
 
-Every rule lives here once: status ranks, message bodies and previews per type, contact and
-conversation keys, what is poison.
+Every rule lives here once: status ranks, message bodies and previews per type, who a record is
+about (a WhatsApp user by business-scoped user id and/or phone number), what is a message and
+what amends one, what is poison.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,7 +42,9 @@ STATUS_RANK: dict[str, int] = {
     "failed": 9,
 }
 
-ContactKey = tuple[int, str, str]  # company_id, phone number (wa_id) or scoped id, channel
+# company_id, channel, and "u:<BSUID>" or "p:<phone or page-scoped id>": a batch's name for one
+# party (two names may turn out one contact: the database resolves them, see Party).
+ContactKey = tuple[int, str, str]
 MessageKey = tuple[int, str]  # company_id, external_id (wamid or mid)
 
 
@@ -74,39 +78,59 @@ def epoch(value: Any) -> float:
     return number
 
 
+def _media_label(kind: str, part: dict[str, Any]) -> str:
+    label = part.get("caption") or part.get("filename")
+    return str(label) if label else f"[{kind}]"
+
+
+def _interactive_label(part: dict[str, Any]) -> str:
+    for reply in ("button_reply", "list_reply", "nfm_reply"):
+        chosen = part.get(reply)
+        if isinstance(chosen, dict):
+            return str(chosen.get("title") or chosen.get("body") or chosen.get("id", ""))
+    return "[interactive]"
+
+
+def _location_label(part: dict[str, Any]) -> str:
+    named = ", ".join(str(part[k]) for k in ("name", "address") if part.get(k))
+    return named or f"{part.get('latitude')},{part.get('longitude')}"
+
+
+def _contacts_label(message: dict[str, Any], part: dict[str, Any]) -> str:
+    cards = message.get("contacts") or []
+    names = [str((c.get("name") or {}).get("formatted_name", "")) for c in cards]
+    return "[contact] " + ", ".join(n for n in names if n)
+
+
+def _unsupported_label(message: dict[str, Any], part: dict[str, Any]) -> str:
+    # Meta says what it could not pass on (an edit on a number outside Coexistence, a poll...).
+    what = part.get("type")
+    return f"[unsupported: {what}]" if what else "[unsupported]"
+
+
+# The text an agent sees, per type, from the type's part of the message (and the message).
+_BODIES: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
+    "text": lambda m, p: str(p.get("body", "")),
+    "location": lambda m, p: _location_label(p),
+    "contacts": _contacts_label,
+    "interactive": lambda m, p: _interactive_label(p),
+    "button": lambda m, p: str(p.get("text") or p.get("payload", "")),
+    "order": lambda m, p: str(p.get("text") or f"[order] {len(p.get('product_items') or [])} item(s)"),
+    "system": lambda m, p: str(p.get("body", "[system]")),
+    "unsupported": _unsupported_label,
+}
+_MEDIA = frozenset(("image", "video", "document", "audio", "sticker"))
+
+
 def whatsapp_body(message: dict[str, Any]) -> str:
-    """The text an agent sees for a WhatsApp message of any type."""
+    """The text an agent sees for a WhatsApp message of any type (an edit's new message too)."""
     kind = message.get("type", "unknown")
     part = message.get(kind)
     part = part if isinstance(part, dict) else {}
-    if kind == "text":
-        return str(part.get("body", ""))
-    if kind in ("image", "video", "document", "audio", "sticker"):
-        label = part.get("caption") or part.get("filename")
-        return str(label) if label else f"[{kind}]"
-    if kind == "location":
-        named = ", ".join(str(part[k]) for k in ("name", "address") if part.get(k))
-        return named or f"{part.get('latitude')},{part.get('longitude')}"
-    if kind == "contacts":
-        cards = message.get("contacts") or []
-        names = [str((c.get("name") or {}).get("formatted_name", "")) for c in cards]
-        return "[contact] " + ", ".join(n for n in names if n)
-    if kind == "interactive":
-        for reply in ("button_reply", "list_reply", "nfm_reply"):
-            chosen = part.get(reply)
-            if isinstance(chosen, dict):
-                return str(chosen.get("title") or chosen.get("body") or chosen.get("id", ""))
-        return "[interactive]"
-    if kind == "button":
-        return str(part.get("text") or part.get("payload", ""))
-    if kind == "reaction":
-        return str(part.get("emoji") or "[reaction removed]")
-    if kind == "order":
-        items = part.get("product_items") or []
-        return str(part.get("text") or f"[order] {len(items)} item(s)")
-    if kind == "system":
-        return str(part.get("body", "[system]"))
-    return f"[{kind}]"
+    if kind in _MEDIA:
+        return _media_label(kind, part)
+    body = _BODIES.get(kind)
+    return body(message, part) if body is not None else f"[{kind}]"
 
 
 def event_key(obj: str, entry_id: str, field: str, payload: Any) -> str:
@@ -116,14 +140,85 @@ def event_key(obj: str, entry_id: str, field: str, payload: Any) -> str:
     ).hexdigest()
 
 
+def _text(value: Any) -> str | None:
+    """A field that names something: a non-empty string or number as text, else None (Meta
+    leaves a phone number out when the user does not share it; an early draft sent "")."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    out = str(value)
+    return out or None
+
+
+class Party(NamedTuple):
+    """Who a record is about. A WhatsApp user by business-scoped user id (BSUID) and/or phone
+    number (wa_id), with a username and a parent BSUID where Meta gives them; a Messenger or
+    Instagram user by page-scoped id (in `phone`, as contacts have always kept it). The database
+    finds the contact (`contact_for`, migration 0014): by BSUID where one is given, else by phone.
+    A NamedTuple: one is made per record."""
+
+    company_id: int
+    channel: str
+    phone: str | None
+    user_id: str | None
+    username: str | None = None
+    parent_user_id: str | None = None
+    name: str | None = None
+
+    @property
+    def key(self) -> ContactKey:
+        if self.user_id is not None:
+            return (self.company_id, self.channel, "u:" + self.user_id)
+        return (self.company_id, self.channel, "p:" + (self.phone or ""))
+
+
+def _contact_cards(value: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in value.get("contacts") or () if isinstance(c, dict)]
+
+
+def _card_for(cards: list[dict[str, Any]], user_id: str | None, phone: str | None) -> dict[str, Any]:
+    """The change's contact for a sender or recipient: by BSUID, else by wa_id."""
+    for card in cards:
+        if user_id is not None and _text(card.get("user_id")) == user_id:
+            return card
+    for card in cards:
+        if phone is not None and _text(card.get("wa_id")) == phone:
+            return card
+    return {}
+
+
+def whatsapp_party(
+    company_id: int, cards: list[dict[str, Any]], phone: Any, user_id: Any, parent: Any
+) -> Party:
+    """A WhatsApp party from a message's or status's own fields, completed by its contact card
+    (the card's profile name is the name; a name or username that is not a string is left out).
+    Poison if it names neither a phone nor a BSUID."""
+    phone_, user_id_ = _text(phone), _text(user_id)
+    card = _card_for(cards, user_id_, phone_)
+    phone_ = phone_ or _text(card.get("wa_id"))
+    user_id_ = user_id_ or _text(card.get("user_id"))
+    if phone_ is None and user_id_ is None:
+        raise PoisonRecord("update names no contact")
+    profile = card.get("profile")
+    profile = profile if isinstance(profile, dict) else {}
+    name, username = profile.get("name"), profile.get("username")
+    return Party(
+        company_id,
+        "whatsapp",
+        phone_,
+        user_id_,
+        username if isinstance(username, str) and username else None,
+        _text(parent) or _text(card.get("parent_user_id")),
+        name if isinstance(name, str) else None,
+    )
+
+
 def profile_names(value: dict[str, Any]) -> dict[str, str | None]:
-    """A WhatsApp change's contacts: wa_id -> profile name (None where not given, or where the
-    "name" is not a string: the message is then stored without it)."""
+    """A WhatsApp change's contacts: wa_id (or BSUID, where no wa_id) -> profile name (None where
+    not given, or where the "name" is not a string)."""
     names: dict[str, str | None] = {}
-    for c in value.get("contacts") or ():
-        if isinstance(c, dict):
-            name = (c.get("profile") or {}).get("name")
-            names[str(c.get("wa_id"))] = name if isinstance(name, str) else None
+    for c in _contact_cards(value):
+        name = (c.get("profile") or {}).get("name")
+        names[str(c.get("wa_id") or c.get("user_id"))] = name if isinstance(name, str) else None
     return names
 
 
@@ -172,15 +267,22 @@ class Message:
     """A message of a record: inbound (the customer's) or outbound (an echo of the business's)."""
 
     company: Company
-    contact: ContactKey
+    party: Party
     external_id: str
     direction: str
     kind: str
     body: str
     content: dict[str, Any]
     at: float  # epoch seconds
-    name: str | None  # the contact's profile name, where the record gives one
     title: str  # of its notifications
+    reply_to: str | None = None  # the external id of the message it quotes
+    forwarded: bool = False
+    referral: dict[str, Any] | None = None  # a click-to-WhatsApp ad's
+    error: Any = None  # what Meta says it could not deliver of it
+
+    @property
+    def contact(self) -> ContactKey:
+        return self.party.key
 
 
 @dataclass(slots=True)
@@ -188,12 +290,52 @@ class Status:
     """A WhatsApp status of a message the business sent (ranked: see STATUS_RANK)."""
 
     company_id: int
-    contact: ContactKey
+    party: Party
     external_id: str
     state: str
     rank: int
     at: float
     error: Any
+
+    @property
+    def contact(self) -> ContactKey:
+        return self.party.key
+
+
+class Reaction(NamedTuple):
+    """A party's reaction to a message (`target`, by external id); `emoji` None removes it."""
+
+    company_id: int
+    party: Party
+    external_id: str  # the reaction's own id: the latest of a party's reactions wins
+    target: str
+    emoji: str | None
+    at: float
+
+
+class Amendment(NamedTuple):
+    """An edit (a new body for `target`) or a revoke (its sender deleted it)."""
+
+    company_id: int
+    party: Party
+    external_id: str
+    target: str
+    kind: str  # "edit" | "revoke"
+    body: str | None
+    content: dict[str, Any]
+    at: float
+
+
+class IdChange(NamedTuple):
+    """A user's BSUID (or, before BSUIDs, phone number) changed: the new one names the contact
+    the old one did (a user_id_update change, or a system message)."""
+
+    company_id: int
+    old_user_id: str | None
+    new_user_id: str | None
+    old_phone: str | None
+    new_phone: str | None
+    parent_user_id: str | None
 
 
 class Delivered(NamedTuple):
@@ -207,14 +349,18 @@ class Delivered(NamedTuple):
 class ReadUpTo(NamedTuple):
     """A Messenger / Instagram read receipt: what the business sent up to `watermark` is read."""
 
-    contact: ContactKey
+    party: Party
     watermark: float
     at: float
+
+    @property
+    def contact(self) -> ContactKey:
+        return self.party.key
 
 
 class Event(NamedTuple):
     """A change kept as it came (`webhook_events`): unknown fields, unranked statuses,
-    errors-only changes, Messenger events other than messages and receipts."""
+    errors-only changes, identity changes, Messenger events other than messages and receipts."""
 
     company_id: int
     object: str
@@ -233,26 +379,58 @@ class RowSet:
     delivered: list[Delivered] = field(default_factory=list)
     read: list[ReadUpTo] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    reactions: list[Reaction] = field(default_factory=list)
+    amendments: list[Amendment] = field(default_factory=list)
+    id_changes: list[IdChange] = field(default_factory=list)
     poison: list[tuple[int, PoisonRecord]] = field(default_factory=list)
+
+    def _lists(self) -> tuple[list[Any], ...]:
+        return (
+            self.messages,
+            self.statuses,
+            self.delivered,
+            self.read,
+            self.events,
+            self.reactions,
+            self.amendments,
+            self.id_changes,
+        )
 
     @property
     def receipts(self) -> int:
         """Statuses and receipts counted (`BatchStats.statuses`), applied or not."""
         return len(self.statuses) + len(self.delivered) + len(self.read)
 
-    def contacts(self) -> dict[ContactKey, str | None]:
-        """Every contact the rows name, with the last profile name given (None if none)."""
-        names: dict[ContactKey, str | None] = {}
-        for m in self.messages:
-            if m.name is not None:
-                names[m.contact] = m.name
-            else:
-                names.setdefault(m.contact, None)
-        for s in self.statuses:
-            names.setdefault(s.contact, None)
-        for r in self.read:
-            names.setdefault(r.contact, None)
-        return names
+    def contacts(self) -> dict[ContactKey, Party]:
+        """Every party the rows name, once per key, with the latest of each value given, by the
+        time of what gave it (a name or a username can change; a value left out leaves the one
+        known)."""
+        parties: dict[ContactKey, Party] = {}
+        named: list[Message | Status | ReadUpTo | Reaction | Amendment] = [
+            *self.messages,
+            *self.statuses,
+            *self.read,
+            *self.reactions,
+            *self.amendments,
+        ]
+        named.sort(key=_at)  # stable: rows of one time keep the order of their kind
+        for row in named:
+            party = row.party
+            key = party.key
+            held = parties.get(key)
+            if held is None:
+                parties[key] = party
+            elif held != party:
+                parties[key] = Party(
+                    party.company_id,
+                    party.channel,
+                    party.phone or held.phone,
+                    party.user_id or held.user_id,
+                    party.username or held.username,
+                    party.parent_user_id or held.parent_user_id,
+                    party.name if party.name is not None else held.name,
+                )
+        return parties
 
     def unique_messages(self) -> dict[MessageKey, Message]:
         """Each message once (its first copy in the batch), by company and external id."""
@@ -262,18 +440,16 @@ class RowSet:
         return unique
 
 
+def _at(row: Message | Status | ReadUpTo | Reaction | Amendment) -> float:
+    return row.at
+
+
 def to_rows(records: Sequence[WebhookRecord], companies: Mapping[str, Company]) -> RowSet:
     """The rows of `records`; `companies` by slug (a tenant not in it is unknown: poison)."""
     rows = RowSet()
-    messages, statuses, delivered, read, events = (
-        rows.messages,
-        rows.statuses,
-        rows.delivered,
-        rows.read,
-        rows.events,
-    )
+    lists = rows._lists()
     for index, record in enumerate(records):
-        marks = len(messages), len(statuses), len(delivered), len(read), len(events)
+        marks = [len(rows_of_kind) for rows_of_kind in lists]
         try:
             company = companies.get(record.tenant)
             if company is None:
@@ -282,16 +458,18 @@ def to_rows(records: Sequence[WebhookRecord], companies: Mapping[str, Company]) 
             try:
                 if record.kind == "change" and obj == WHATSAPP_OBJECT and record.field == "messages":
                     _whatsapp(rows, company, payload)
+                elif record.kind == "change" and obj == WHATSAPP_OBJECT and record.field == "user_id_update":
+                    _user_id_update(rows, company, payload, record.entry_id)
                 elif record.kind == "messaging":
                     _messaging(rows, company, record)
                 else:
-                    events.append(_event(company.id, obj, record.field, payload, record.entry_id))
+                    rows.events.append(_event(company.id, obj, record.field, payload, record.entry_id))
             except _SHAPE_ERRORS as exc:
                 raise PoisonRecord(f"unexpected payload shape: {exc!r}") from exc
         except PoisonRecord as exc:
             # All or nothing: what the record added before its fault goes too.
-            del messages[marks[0] :], statuses[marks[1] :], delivered[marks[2] :]
-            del read[marks[3] :], events[marks[4] :]
+            for rows_of_kind, mark in zip(lists, marks, strict=True):
+                del rows_of_kind[mark:]
             rows.poison.append((index, exc))
     return rows
 
@@ -307,28 +485,18 @@ def _whatsapp(rows: RowSet, company: Company, value: dict[str, Any]) -> None:
         # An errors-only change (or something new): kept rather than dropped.
         rows.events.append(_event(company.id, WHATSAPP_OBJECT, "messages", value))
         return
-    profile = profile_names(value) if raw_messages else {}
+    cards = _contact_cards(value)
     for message in raw_messages:
         if not isinstance(message, dict) or not message.get("id"):
             raise PoisonRecord("WhatsApp message without an id")
-        sender = str(message.get("from", ""))
-        if not sender:
-            raise PoisonRecord("update names no contact")
-        name = profile.get(sender)
-        rows.messages.append(
-            Message(
-                company,
-                (company.id, sender, "whatsapp"),
-                str(message["id"]),
-                "inbound",
-                str(message.get("type", "unknown")),
-                whatsapp_body(message),
-                message,
-                epoch(message.get("timestamp")),
-                name,
-                f"New message from {name or sender}",
-            )
+        party = whatsapp_party(
+            company.id,
+            cards,
+            message.get("from"),
+            message.get("from_user_id"),
+            message.get("from_parent_user_id"),
         )
+        _whatsapp_message(rows, company, party, message)
     for status in raw_statuses:
         if not isinstance(status, dict) or not status.get("id"):
             raise PoisonRecord("WhatsApp status without an id")
@@ -338,13 +506,18 @@ def _whatsapp(rows: RowSet, company: Company, value: dict[str, Any]) -> None:
             # A status we do not rank (e.g. "deleted"): kept as an event, message untouched.
             rows.events.append(_event(company.id, WHATSAPP_OBJECT, "statuses", status))
             continue
-        recipient = str(status.get("recipient_id", ""))
-        if not recipient:
-            raise PoisonRecord("update names no contact")
+        parent = (
+            status.get("recipient_parent_user_id")
+            or status.get("parent_recipient_user_id")
+            or status.get("parent_user_id")
+        )
+        party = whatsapp_party(
+            company.id, cards, status.get("recipient_id"), status.get("recipient_user_id"), parent
+        )
         rows.statuses.append(
             Status(
                 company.id,
-                (company.id, recipient, "whatsapp"),
+                party,
                 str(status["id"]),
                 state,
                 rank,
@@ -354,28 +527,145 @@ def _whatsapp(rows: RowSet, company: Company, value: dict[str, Any]) -> None:
         )
 
 
+def _target(part: Any, what: str) -> str:
+    target = _text(part.get(what)) if isinstance(part, dict) else None
+    if target is None:
+        raise PoisonRecord(f"names no message ({what})")
+    return target
+
+
+def _whatsapp_message(rows: RowSet, company: Company, party: Party, message: dict[str, Any]) -> None:
+    external_id = str(message["id"])
+    kind = str(message.get("type", "unknown"))
+    at = epoch(message.get("timestamp"))
+    if kind == "reaction":
+        part = message.get("reaction")
+        emoji = part.get("emoji") if isinstance(part, dict) else None
+        emoji = emoji if isinstance(emoji, str) and emoji else None  # left out (or ""): removed
+        target = _target(part, "message_id")
+        rows.reactions.append(Reaction(company.id, party, external_id, target, emoji, at))
+        return
+    if kind in ("edit", "revoke"):
+        part = message.get(kind)
+        target = _target(part, "original_message_id")
+        body = None
+        if kind == "edit":
+            new = part.get("message") if isinstance(part, dict) else None
+            body = whatsapp_body(new) if isinstance(new, dict) else None
+        rows.amendments.append(Amendment(company.id, party, external_id, target, kind, body, message, at))
+        return
+    if kind == "system":
+        party = _system(rows, company, party, message)
+    context = message.get("context")
+    context = context if isinstance(context, dict) else {}
+    forwarded = bool(context.get("forwarded") or context.get("frequently_forwarded"))
+    referral = message.get("referral")
+    name = party.name or party.username or party.phone or party.user_id
+    rows.messages.append(
+        Message(
+            company,
+            party,
+            external_id,
+            "inbound",
+            kind,
+            whatsapp_body(message),
+            message,
+            at,
+            f"New message from {name}",
+            reply_to=None if forwarded else _text(context.get("id")),
+            forwarded=forwarded,
+            referral=referral if isinstance(referral, dict) else None,
+            error=message.get("errors") or None,
+        )
+    )
+
+
+# customer_changed_number is the older name of user_changed_number.
+_ID_CHANGES = frozenset(("user_changed_number", "customer_changed_number", "user_changed_user_id"))
+
+
+def _system(rows: RowSet, company: Company, party: Party, message: dict[str, Any]) -> Party:
+    """A system message that says the user's number or BSUID changed links the old to the new,
+    and is kept as a message too (WhatsApp shows it in the chat), filed under the user's new
+    ids: the old ones name no contact once the change is applied."""
+    part = message.get("system")
+    if not isinstance(part, dict) or part.get("type") not in _ID_CHANGES:
+        return party
+    new_user_id = _text(part.get("user_id"))
+    old_user_id = _text(part.get("previous_user_id")) or (
+        party.user_id if new_user_id != party.user_id else None
+    )
+    new_phone = _text(part.get("wa_id")) or _text(part.get("new_wa_id"))
+    if new_user_id is None and new_phone is None:
+        return party
+    old_phone = party.phone if new_phone is not None and new_phone != party.phone else None
+    if old_user_id == new_user_id:
+        old_user_id = None
+    if old_user_id is None and old_phone is None:
+        return party
+    parent = _text(part.get("parent_user_id"))
+    rows.id_changes.append(IdChange(company.id, old_user_id, new_user_id, old_phone, new_phone, parent))
+    return party._replace(
+        phone=new_phone or party.phone,
+        user_id=new_user_id or party.user_id,
+        parent_user_id=parent or party.parent_user_id,
+    )
+
+
+def _user_id_update(rows: RowSet, company: Company, value: dict[str, Any], entry_id: str) -> None:
+    """A `user_id_update` change: each update links `user_id.previous` to `user_id.current`. The
+    change is kept as an event too, as it came."""
+    for update in value.get("user_id_update") or ():
+        ids = update.get("user_id") if isinstance(update, dict) else None
+        if not isinstance(ids, dict):
+            raise PoisonRecord("user_id_update without user_id")
+        old, new = _text(ids.get("previous")), _text(ids.get("current"))
+        if old is None or new is None:
+            raise PoisonRecord("user_id_update without both ids")
+        parents = update.get("parent_user_id")
+        parent = _text(parents.get("current")) if isinstance(parents, dict) else None
+        rows.id_changes.append(IdChange(company.id, old, new, None, _text(update.get("wa_id")), parent))
+    rows.events.append(_event(company.id, WHATSAPP_OBJECT, "user_id_update", value, entry_id))
+
+
 def _messaging(rows: RowSet, company: Company, record: WebhookRecord) -> None:
     event = record.payload
     channel = "instagram" if record.object == "instagram" else "messenger"
     sender = str((event.get("sender") or {}).get("id", ""))
+    if sender == record.entry_id:
+        # The page's own (an echo): the user is the recipient, never the page.
+        sender = str((event.get("recipient") or {}).get("id", ""))
+    raw = event.get("message")
+    if isinstance(raw, dict) and raw.get("is_deleted") and raw.get("mid"):
+        # Instagram: a message unsent.
+        if not sender:
+            raise PoisonRecord("update names no contact")
+        party = Party(company.id, channel, sender, None)
+        mid = str(raw["mid"])
+        at = epoch(event.get("timestamp"))
+        rows.amendments.append(Amendment(company.id, party, f"{mid}:revoke", mid, "revoke", None, event, at))
+        return
     message = messaging_message(record)
     if message is not None:
         if not message.user:
             raise PoisonRecord("update names no contact")
+        reply = raw.get("reply_to") if isinstance(raw, dict) else None
         rows.messages.append(
             Message(
                 company,
-                (company.id, message.user, channel),
+                Party(company.id, channel, message.user, None),
                 message.external_id,
                 message.direction,
                 message.kind,
                 message.body,
                 event,
                 epoch(event.get("timestamp")),
-                None,
                 f"New message from {message.user}",
+                reply_to=_text(reply.get("mid")) if isinstance(reply, dict) else None,
             )
         )
+        return
+    if _messaging_amendment(rows, company, channel, sender, event):
         return
     delivery = event.get("delivery")
     if isinstance(delivery, dict):
@@ -387,11 +677,38 @@ def _messaging(rows: RowSet, company: Company, record: WebhookRecord) -> None:
     if isinstance(read, dict) and read.get("watermark"):
         if not sender:
             raise PoisonRecord("update names no contact")
-        rows.read.append(
-            ReadUpTo((company.id, sender, channel), epoch(read["watermark"]), epoch(event.get("timestamp")))
-        )
+        party = Party(company.id, channel, sender, None)
+        rows.read.append(ReadUpTo(party, epoch(read["watermark"]), epoch(event.get("timestamp"))))
         return
     rows.events.append(_event(company.id, record.object, record.field, event, record.entry_id))
+
+
+def _messaging_amendment(
+    rows: RowSet, company: Company, channel: str, sender: str, event: dict[str, Any]
+) -> bool:
+    """A Messenger / Instagram reaction (`reaction`, react or unreact) or edit (`message_edit`)."""
+    reaction, edit = event.get("reaction"), event.get("message_edit")
+    if not isinstance(reaction, dict) and not isinstance(edit, dict):
+        return False
+    if not sender:
+        raise PoisonRecord("update names no contact")
+    party = Party(company.id, channel, sender, None)
+    at = epoch(event.get("timestamp"))
+    if isinstance(reaction, dict):
+        target = _target(reaction, "mid")
+        emoji = reaction.get("emoji") or reaction.get("reaction")
+        if reaction.get("action") == "unreact" or not isinstance(emoji, str) or not emoji:
+            emoji = None
+        # Messenger gives a reaction no id of its own: its time orders a party's reactions.
+        rows.reactions.append(Reaction(company.id, party, f"{target}:{at}", target, emoji, at))
+        return True
+    assert isinstance(edit, dict)
+    target = _target(edit, "mid")
+    text = edit.get("text")
+    external_id = f"{target}:edit:{edit.get('num_edit', at)}"
+    body = str(text) if text is not None else None
+    rows.amendments.append(Amendment(company.id, party, external_id, target, "edit", body, event, at))
+    return True
 
 
 # ------------------------------------------------------- rows given the database's answers
@@ -403,9 +720,23 @@ def _messaging(rows: RowSet, company: Company, record: WebhookRecord) -> None:
 
 class ContactRow(TypedDict):
     company_id: int
-    phone: str
     channel: str
+    phone: str | None
+    user_id: str | None
+    username: str | None
+    parent_user_id: str | None
     name: str | None
+    n: int  # its place in the lock order: the answer comes back by it
+
+
+class IdChangeRow(TypedDict):
+    company_id: int
+    channel: str
+    old_user_id: str | None
+    new_user_id: str | None
+    old_phone: str | None
+    new_phone: str | None
+    parent_user_id: str | None
 
 
 class ConversationRow(TypedDict):
@@ -425,6 +756,10 @@ class MessageRow(TypedDict):
     status: str
     rank: int
     at: float
+    reply_to: str | None
+    forwarded: bool
+    referral: dict[str, Any] | None
+    error: Any
 
 
 class BumpRow(TypedDict):
@@ -433,6 +768,26 @@ class BumpRow(TypedDict):
     at: float
     preview: str | None
     inbound: int
+    referral: dict[str, Any] | None  # of its earliest new message that has one
+
+
+class ReactionRow(TypedDict):
+    company_id: int
+    contact_id: int
+    external_id: str
+    target: str
+    emoji: str | None
+    at: float
+
+
+class AmendmentRow(TypedDict):
+    company_id: int
+    external_id: str
+    target: str
+    kind: str
+    body: str | None
+    content: dict[str, Any]
+    at: float
 
 
 class NotificationRow(TypedDict):
@@ -483,19 +838,52 @@ class DueReply(NamedTuple):
     kind: str
     window: str
     text: str
+    to: str  # the contact's phone number: WUZAPI sends to numbers only
 
 
-def contact_rows(names: Mapping[ContactKey, str | None]) -> list[ContactRow]:
-    """Sorted, so that concurrent workers lock contacts in one order."""
-    return [{"company_id": k[0], "phone": k[1], "channel": k[2], "name": names[k]} for k in sorted(names)]
+def contact_rows(parties: Mapping[ContactKey, Party]) -> list[ContactRow]:
+    """Sorted by key, so that concurrent workers lock contacts in one order; `n` is the place."""
+    return [
+        {
+            "company_id": p.company_id,
+            "channel": p.channel,
+            "phone": p.phone,
+            "user_id": p.user_id,
+            "username": p.username,
+            "parent_user_id": p.parent_user_id,
+            "name": p.name,
+            "n": n,
+        }
+        for n, p in enumerate(parties[k] for k in sorted(parties))
+    ]
+
+
+def id_change_rows(changes: Iterable[IdChange]) -> list[IdChangeRow]:
+    """In record order: a user may change twice."""
+    return [
+        {
+            "company_id": c.company_id,
+            "channel": "whatsapp",
+            "old_user_id": c.old_user_id,
+            "new_user_id": c.new_user_id,
+            "old_phone": c.old_phone,
+            "new_phone": c.new_phone,
+            "parent_user_id": c.parent_user_id,
+        }
+        for c in changes
+    ]
 
 
 def conversation_rows(
     keys: Iterable[ContactKey], contact_ids: Mapping[ContactKey, int]
 ) -> list[ConversationRow]:
-    """Sorted by contact id (the conversations' key), for one lock order."""
-    ordered = sorted(keys, key=lambda k: (k[0], contact_ids[k]))
-    return [{"company_id": k[0], "contact_id": contact_ids[k], "channel": k[2]} for k in ordered]
+    """One per contact (two keys of a batch can name one contact), sorted by contact id (the
+    conversations' key), for one lock order."""
+    by_contact = {(k[0], contact_ids[k]): k[1] for k in keys}
+    return [
+        {"company_id": company_id, "contact_id": contact_id, "channel": channel}
+        for (company_id, contact_id), channel in sorted(by_contact.items())
+    ]
 
 
 _RECEIVED, _SENT = STATUS_RANK["received"], STATUS_RANK["sent"]
@@ -515,8 +903,53 @@ def message_rows(unique: Iterable[Message], conversations: Mapping[ContactKey, i
             "status": "received" if m.direction == "inbound" else "sent",
             "rank": _RECEIVED if m.direction == "inbound" else _SENT,
             "at": m.at,
+            "reply_to": m.reply_to,
+            "forwarded": m.forwarded,
+            "referral": m.referral,
+            "error": m.error,
         }
         for m in unique
+    ]
+
+
+def reaction_rows(reactions: Iterable[Reaction], contact_ids: Mapping[ContactKey, int]) -> list[ReactionRow]:
+    """One row per (message, reacting contact): the latest of the batch (by time, then id), as
+    the table keeps the latest of all."""
+    latest: dict[tuple[int, str, int], Reaction] = {}
+    for r in reactions:
+        key = (r.company_id, r.target, contact_ids[r.party.key])
+        held = latest.get(key)
+        if held is None or (r.at, r.external_id) > (held.at, held.external_id):
+            latest[key] = r
+    return [
+        {
+            "company_id": k[0],
+            "contact_id": k[2],
+            "external_id": r.external_id,
+            "target": r.target,
+            "emoji": r.emoji,
+            "at": r.at,
+        }
+        for k, r in sorted(latest.items())
+    ]
+
+
+def amendment_rows(amendments: Iterable[Amendment]) -> list[AmendmentRow]:
+    """Each once, by company and its own id."""
+    unique: dict[MessageKey, Amendment] = {}
+    for a in amendments:
+        unique.setdefault((a.company_id, a.external_id), a)
+    return [
+        {
+            "company_id": a.company_id,
+            "external_id": a.external_id,
+            "target": a.target,
+            "kind": a.kind,
+            "body": a.body,
+            "content": a.content,
+            "at": a.at,
+        }
+        for _, a in sorted(unique.items())
     ]
 
 
@@ -545,11 +978,14 @@ def bumps_and_notifications(
                 "at": m.at,
                 "preview": preview,
                 "inbound": inbound,
+                "referral": m.referral,
             }
         else:
             if m.at >= bump["at"]:
                 bump["message_id"], bump["at"], bump["preview"] = message_id, m.at, preview
             bump["inbound"] += inbound
+            if bump["referral"] is None:
+                bump["referral"] = m.referral
         if inbound:
             notify.append(
                 {
@@ -569,18 +1005,23 @@ def replies_due(
     inserted: Mapping[MessageKey, int],
     conversations: Mapping[ContactKey, int],
     created: AbstractSet[int],
+    phones: Mapping[ContactKey, str | None],
 ) -> tuple[list[DueReply], dict[int, Message]]:
     """Auto-replies (WhatsApp, companies that set one): a welcome for a conversation created in
     this transaction, an away message outside business hours, each once per (conversation, kind,
     window) here, and once ever by the table's key. Also the conversations of redelivered
-    inbound messages (by one of them), whose replies still pending are to be sent again."""
+    inbound messages (by one of them), whose replies still pending are to be sent again. None
+    for a contact with no known phone number (a username user): WUZAPI could not send it."""
     due: dict[tuple[int, str, str], DueReply] = {}
     redelivered: dict[int, Message] = {}
     for m in messages:
         company = m.company
-        if m.direction != "inbound" or m.contact[2] != "whatsapp":
-            continue
+        if m.direction != "inbound" or m.party.channel != "whatsapp" or m.kind == "system":
+            continue  # a system message (a changed number) is WhatsApp's, not the customer's
         if not (company.welcome_message or company.away_message):
+            continue
+        to = phones.get(m.contact)
+        if to is None:
             continue
         conversation_id = conversations[m.contact]
         key = (company.id, m.external_id)
@@ -588,7 +1029,7 @@ def replies_due(
             at = datetime.fromtimestamp(m.at, tz=UTC)
             new = conversation_id in created
             for kind, window, text in auto_replies_due(company, at, new_conversation=new):
-                reply = DueReply(m, conversation_id, kind, window, text)
+                reply = DueReply(m, conversation_id, kind, window, text, to)
                 due.setdefault((conversation_id, kind, window), reply)
         else:
             redelivered.setdefault(conversation_id, m)

@@ -4,24 +4,33 @@ statements, whatever its size.
 A statement per kind of row, each over one JSON array of rows (`json_to_recordset`), none run
 for an empty set:
 
-1. contacts upsert (sorted, so that concurrent workers lock in one order);
+1. contacts, each found or made by `contact_for` (migration 0014: by BSUID, else by phone), in
+   one sorted order so that concurrent workers lock in one order;
 2. conversations upsert (the same), returning which were created;
 3. messages insert, `ON CONFLICT DO NOTHING RETURNING`: the inserted ones are the new ones;
-4. one bump per conversation with new messages (latest message, unread count);
+4. one bump per conversation with new messages (latest message, unread count, ad referral);
 5. notifications for every new inbound message, joined to the company's active users;
 6. auto-replies due, `ON CONFLICT DO NOTHING RETURNING` (once per conversation, kind and
    window), 7. their pending outbound messages, and 8. the replies still pending in the
    conversations of redelivered messages, to send again under the same id;
-9. WhatsApp statuses upsert, one row per message (its highest-ranked status of the batch);
-10. Messenger / Instagram delivery receipts and 11. read watermarks;
-12. kept events (`webhook_events`).
+9. edits and revokes kept, and 10. applied to their targets (those of this batch and the new
+   messages, which may have arrived after them): the latest edit is the body, a revoke marks it
+   deleted, and a conversation whose last message changed shows it;
+11. reactions upsert (the latest per message and contact wins; a removal is kept);
+12. WhatsApp statuses upsert, one row per message (its highest-ranked status of the batch);
+13. Messenger / Instagram delivery receipts and 14. read watermarks;
+15. kept events (`webhook_events`);
+16. identity changes, after the rest: a user's new BSUID or number names the contact the old one
+   did, and a contact made meanwhile under the new one (in this batch or before) is merged in.
 
 Every write is idempotent through a unique constraint, and a status or receipt moves only a
-message the business sent (direction 'outbound'), and only up its rank. Each statement takes its
-rows as one JSON document rather than one array parameter per column: asyncpg encodes an array
-element in about 0.9 µs of the worker's CPU (a timestamp in 1.5), orjson a whole row in well
-under that, and the worker's CPU is what limits its rate (BENCHMARKS.md). Timestamps travel as
-epoch seconds (`to_timestamp`).
+message the business sent (direction 'outbound'), and only up its rank. Reactions, edits and
+revokes are not messages: they bump no conversation, count as no unread and notify no one.
+
+Each statement takes its rows as one JSON document rather than one array parameter per column:
+asyncpg encodes an array element in about 0.9 µs of the worker's CPU (a timestamp in 1.5),
+orjson a whole row in well under that, and the worker's CPU is what limits its rate
+(BENCHMARKS.md). Timestamps travel as epoch seconds (`to_timestamp`).
 """
 
 from __future__ import annotations
@@ -29,25 +38,32 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
 from processors.autoreply import Company, CompanyCache
 from processors.rows import (
     ContactKey,
+    DueReply,
+    Message,
+    MessageKey,
     RowSet,
+    amendment_rows,
     bumps_and_notifications,
     contact_rows,
     conversation_rows,
     delivered_rows,
     event_rows,
+    id_change_rows,
     message_rows,
+    reaction_rows,
     read_rows,
     replies_due,
     status_rows,
 )
 from schemas.outbound import OutboundMessage
+from schemas.previews import PREVIEW_MAX
 from schemas.records import WebhookRecord
 
 COMPANIES = """
@@ -55,16 +71,24 @@ SELECT id, slug, wuzapi_token, welcome_message, away_message, timezone, business
   FROM companies WHERE slug = ANY($1::text[])
 """
 
-UPSERT_CONTACTS = """
-INSERT INTO contacts (company_id, phone_number, channel, name)
-SELECT u.company_id, u.phone, u.channel, u.name
-  FROM json_to_recordset($1::json) AS u(company_id bigint, phone text, channel text, name text)
-ON CONFLICT (company_id, phone_number, channel) WHERE deleted_at IS NULL
-DO UPDATE SET name = COALESCE(EXCLUDED.name, contacts.name),
-              updated_at = CASE WHEN EXCLUDED.name IS DISTINCT FROM contacts.name
-                                 AND EXCLUDED.name IS NOT NULL
-                                THEN now() ELSE contacts.updated_at END
-RETURNING id, company_id, phone_number, channel
+# One call per change, in the array's order (a function scan's order): a user may change twice.
+ID_CHANGES = """
+SELECT contact_identity_changed(u.company_id, u.channel, u.old_user_id, u.new_user_id,
+                                u.old_phone, u.new_phone, u.parent_user_id)
+  FROM json_to_recordset($1::json)
+       AS u(company_id bigint, channel text, old_user_id text, new_user_id text, old_phone text,
+            new_phone text, parent_user_id text)
+"""
+
+# One call per party, in the rows' order (the lock order); the answer carries each contact's
+# phone number as now known, which may come from an earlier record than this batch's.
+CONTACTS = """
+SELECT u.n, f.id, f.phone_number
+  FROM json_to_recordset($1::json)
+       AS u(company_id bigint, channel text, phone text, user_id text, username text,
+            parent_user_id text, name text, n int4)
+ CROSS JOIN LATERAL contact_for(u.company_id, u.channel, u.phone, u.user_id, u.username,
+                                u.parent_user_id, u.name) AS f
 """
 
 UPSERT_CONVERSATIONS = """
@@ -78,12 +102,15 @@ RETURNING id, contact_id, (xmax = 0) AS created
 
 INSERT_MESSAGES = """
 INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body, content,
-                      status, status_rank, status_at, sent_at)
+                      status, status_rank, status_at, sent_at, reply_to, forwarded, referral,
+                      error)
 SELECT u.company_id, u.conversation_id, u.external_id, u.direction, u.kind, u.body, u.content,
-       u.status, u.rank, to_timestamp(u.at), to_timestamp(u.at)
+       u.status, u.rank, to_timestamp(u.at), to_timestamp(u.at), u.reply_to, u.forwarded,
+       u.referral, u.error
   FROM json_to_recordset($1::json)
        AS u(company_id bigint, conversation_id bigint, external_id text, direction text, kind text,
-            body text, content jsonb, status text, rank int2, at float8)
+            body text, content jsonb, status text, rank int2, at float8, reply_to text,
+            forwarded boolean, referral jsonb, error jsonb)
 ON CONFLICT (company_id, external_id) DO NOTHING
 RETURNING id, company_id, external_id
 """
@@ -97,11 +124,13 @@ UPDATE conversations c
        last_message_at = GREATEST(c.last_message_at, u.at),
        unread_count = c.unread_count + u.inbound,
        status = CASE WHEN u.inbound > 0 AND c.status = 'closed' THEN 'open' ELSE c.status END,
+       referral = COALESCE(c.referral, u.referral),
        updated_at = now()
-  FROM (SELECT r.conversation_id, r.message_id, to_timestamp(r.at) AS at, r.preview, r.inbound
+  FROM (SELECT r.conversation_id, r.message_id, to_timestamp(r.at) AS at, r.preview, r.inbound,
+               r.referral
           FROM json_to_recordset($1::json)
                AS r(conversation_id bigint, message_id bigint, at float8, preview text,
-                    inbound int4)) AS u
+                    inbound int4, referral jsonb)) AS u
  WHERE c.id = u.conversation_id
 """
 
@@ -161,6 +190,78 @@ ON CONFLICT (company_id, external_id) DO UPDATE
        error = COALESCE(EXCLUDED.error, messages.error),
        updated_at = now()
  WHERE messages.status_rank < EXCLUDED.status_rank AND messages.direction = 'outbound'
+"""
+
+INSERT_AMENDMENTS = """
+INSERT INTO message_amendments (company_id, external_id, message_external_id, kind, body, content, at)
+SELECT u.company_id, u.external_id, u.target, u.kind, u.body, u.content, to_timestamp(u.at)
+  FROM json_to_recordset($1::json)
+       AS u(company_id bigint, external_id text, target text, kind text, body text, content jsonb,
+            at float8)
+ON CONFLICT (company_id, external_id) DO NOTHING
+"""
+
+# The targets' state from all their amendments, whichever order they came in: the latest edit
+# (by time, then id) is the body, the body before the first kept in original_body; any revoke
+# deletes. A conversation whose last message it is shows the change in its preview ($2: the
+# preview's length, as schemas.previews clips; a deleted message previews as nothing).
+APPLY_AMENDMENTS = """
+WITH targets AS (
+    SELECT DISTINCT u.company_id, u.target
+      FROM json_to_recordset($1::json) AS u(company_id bigint, target text)
+), latest_edit AS (
+    SELECT DISTINCT ON (a.company_id, a.message_external_id)
+           a.company_id, a.message_external_id, a.body, a.at
+      FROM message_amendments a
+      JOIN targets t ON t.company_id = a.company_id AND t.target = a.message_external_id
+     WHERE a.kind = 'edit'
+     ORDER BY a.company_id, a.message_external_id, a.at DESC, a.external_id DESC
+), revoked AS (
+    SELECT a.company_id, a.message_external_id, min(a.at) AS at
+      FROM message_amendments a
+      JOIN targets t ON t.company_id = a.company_id AND t.target = a.message_external_id
+     WHERE a.kind = 'revoke'
+     GROUP BY a.company_id, a.message_external_id
+), changed AS (
+    UPDATE messages m
+       SET original_body = CASE WHEN e.at IS NOT NULL AND m.edited_at IS NULL
+                                THEN m.body ELSE m.original_body END,
+           body = CASE WHEN e.at IS NOT NULL AND e.body IS NOT NULL THEN e.body ELSE m.body END,
+           edited_at = COALESCE(e.at, m.edited_at),
+           deleted_at = COALESCE(r.at, m.deleted_at),
+           updated_at = now()
+      FROM targets t
+      LEFT JOIN latest_edit e ON e.company_id = t.company_id AND e.message_external_id = t.target
+      LEFT JOIN revoked r ON r.company_id = t.company_id AND r.message_external_id = t.target
+     WHERE m.company_id = t.company_id AND m.external_id = t.target
+       AND (e.at IS NOT NULL OR r.at IS NOT NULL)
+       AND (m.edited_at IS DISTINCT FROM COALESCE(e.at, m.edited_at)
+            OR m.deleted_at IS DISTINCT FROM COALESCE(r.at, m.deleted_at))
+    RETURNING m.id, m.conversation_id, m.body, m.deleted_at
+)
+UPDATE conversations c
+   SET last_message_preview = CASE WHEN x.deleted_at IS NOT NULL THEN ''
+                                   WHEN length(x.body) <= $2 THEN x.body
+                                   ELSE left(x.body, $2 - 1) || '…' END,
+       updated_at = now()
+  FROM changed x
+ WHERE c.id = x.conversation_id AND c.last_message_id = x.id
+"""
+
+# A later reaction of the same contact to the same message replaces it, an earlier one
+# (redelivered, or out of order) does not; a removal stays as a NULL emoji.
+UPSERT_REACTIONS = """
+INSERT INTO message_reactions (company_id, message_external_id, contact_id, emoji, reacted_at,
+                               reaction_external_id)
+SELECT u.company_id, u.target, u.contact_id, u.emoji, to_timestamp(u.at), u.external_id
+  FROM json_to_recordset($1::json)
+       AS u(company_id bigint, contact_id bigint, external_id text, target text, emoji text,
+            at float8)
+ON CONFLICT (company_id, message_external_id, contact_id) DO UPDATE
+   SET emoji = EXCLUDED.emoji, reacted_at = EXCLUDED.reacted_at,
+       reaction_external_id = EXCLUDED.reaction_external_id
+ WHERE (message_reactions.reacted_at, message_reactions.reaction_external_id)
+       < (EXCLUDED.reacted_at, EXCLUDED.reaction_external_id)
 """
 
 MARK_DELIVERED = """
@@ -257,100 +358,166 @@ class RowWriter:
         self.outbound: list[OutboundMessage] = []
         # Conversations created by earlier applies of this transaction: still new for a welcome.
         self._created: set[int] = set()
+        # The messages this apply inserted: targets for amendments that arrived before them.
+        self._inserted: dict[MessageKey, int] = {}
 
     async def apply(self, rows: RowSet) -> None:
         conn = self.conn
         stats = BatchStats(statuses=rows.receipts)
         outbound: list[OutboundMessage] = []
 
-        conversations: dict[ContactKey, int] = {}
-        created: set[int] = set()
-        names = rows.contacts()
-        if names:
-            found = await conn.fetch(UPSERT_CONTACTS, contact_rows(names))
-            contact_ids = {(r["company_id"], r["phone_number"], r["channel"]): r["id"] for r in found}
-            found = await conn.fetch(UPSERT_CONVERSATIONS, conversation_rows(names, contact_ids))
-            by_contact = {r["contact_id"]: r["id"] for r in found}
-            created = {r["id"] for r in found if r["created"]}
-            conversations = {k: by_contact[contact_ids[k]] for k in names}
+        parties = await self._contacts(rows)
+        created = parties.created
 
         if rows.messages:
-            unique = rows.unique_messages()
-            found = await conn.fetch(INSERT_MESSAGES, message_rows(unique.values(), conversations))
-            inserted = {(r["company_id"], r["external_id"]): r["id"] for r in found}
-            stats.messages = len(inserted)
-            stats.duplicates = len(rows.messages) - len(inserted)
-            bumps, notify = bumps_and_notifications(unique.values(), inserted, conversations)
-            if bumps:
-                await conn.execute(BUMP_CONVERSATIONS, bumps)
-            if notify:
-                stats.notifications = _affected(await conn.execute(NOTIFY, notify))
-            due, redelivered = replies_due(
-                rows.messages, unique, inserted, conversations, self._created | created
-            )
-            if due:
-                # Ids are made here and kept only if their row is new (first in its window).
-                proposed = {uuid.uuid4().hex: reply for reply in due}
-                kept = await conn.fetch(
-                    INSERT_AUTO_REPLIES,
-                    [
-                        {
-                            "company_id": r.message.company.id,
-                            "conversation_id": r.conversation_id,
-                            "kind": r.kind,
-                            "window_key": r.window,
-                            "outbound_id": outbound_id,
-                        }
-                        for outbound_id, r in proposed.items()
-                    ],
-                )
-                replies = [(row["outbound_id"], proposed[row["outbound_id"]]) for row in kept]
-                if replies:
-                    await conn.execute(
-                        INSERT_PENDING_REPLIES,
-                        [
-                            {
-                                "company_id": r.message.company.id,
-                                "conversation_id": r.conversation_id,
-                                "external_id": outbound_id,
-                                "body": r.text,
-                                "content": {"auto_reply": r.kind},
-                            }
-                            for outbound_id, r in replies
-                        ],
-                    )
-                for outbound_id, r in replies:
-                    m = r.message
-                    outbound.append(_reply(m.company, r.conversation_id, m.contact[1], outbound_id, r.text))
-            if redelivered:
-                queued = {reply.id for reply in self.outbound} | {reply.id for reply in outbound}
-                order = sorted(redelivered)
-                pending = await conn.fetch(
-                    PENDING_AUTO_REPLIES,
-                    [{"company_id": redelivered[c].company.id, "conversation_id": c} for c in order],
-                )
-                for row in pending:
-                    if row["outbound_id"] in queued:
-                        continue
-                    conversation_id = int(row["conversation_id"])
-                    m = redelivered[conversation_id]
-                    reply_id, text = row["outbound_id"], row["body"]
-                    outbound.append(_reply(m.company, conversation_id, m.contact[1], reply_id, text))
-
+            outbound = await self._messages(rows, parties, stats)
+        if rows.amendments or rows.messages:
+            await self._amendments(rows)
+        if rows.reactions:
+            await conn.execute(UPSERT_REACTIONS, reaction_rows(rows.reactions, parties.contact_ids))
         if rows.statuses:
-            await conn.execute(UPSERT_STATUSES, status_rows(rows.statuses, conversations))
+            await conn.execute(UPSERT_STATUSES, status_rows(rows.statuses, parties.conversations))
         if rows.delivered:
             await conn.execute(MARK_DELIVERED, delivered_rows(rows.delivered))
         if rows.read:
-            await conn.execute(MARK_READ, read_rows(rows.read, conversations))
+            await conn.execute(MARK_READ, read_rows(rows.read, parties.conversations))
         if rows.events:
             events = event_rows(rows.events)
             await conn.execute(INSERT_EVENTS, events)
             stats.events = len(events)
+        if rows.id_changes:
+            # Last: the rows above are filed under the ids their records named (an old one, or a
+            # new one not linked yet), and the change folds the new contact into the old.
+            await conn.execute(ID_CHANGES, id_change_rows(rows.id_changes))
 
         self.stats.add(stats)
         self.outbound += outbound
         self._created |= created
+
+    async def _contacts(self, rows: RowSet) -> _Parties:
+        """Every party's contact and conversation (made where new)."""
+        parties = _Parties()
+        named = rows.contacts()
+        if not named:
+            return parties
+        ordered = contact_rows(named)
+        keys = sorted(named)
+        found = await self.conn.fetch(CONTACTS, ordered)
+        for r in found:
+            key = keys[r["n"]]
+            parties.contact_ids[key] = r["id"]
+            parties.phones[key] = r["phone_number"]
+        found = await self.conn.fetch(UPSERT_CONVERSATIONS, conversation_rows(keys, parties.contact_ids))
+        by_contact = {r["contact_id"]: r["id"] for r in found}
+        parties.created = {r["id"] for r in found if r["created"]}
+        parties.conversations = {k: by_contact[parties.contact_ids[k]] for k in keys}
+        return parties
+
+    async def _messages(self, rows: RowSet, parties: _Parties, stats: BatchStats) -> list[OutboundMessage]:
+        """The new messages, their bumps and notifications; the auto-replies they call for."""
+        conn = self.conn
+        conversations = parties.conversations
+        unique = rows.unique_messages()
+        found = await conn.fetch(INSERT_MESSAGES, message_rows(unique.values(), conversations))
+        inserted = {(r["company_id"], r["external_id"]): r["id"] for r in found}
+        self._inserted = inserted
+        stats.messages = len(inserted)
+        stats.duplicates = len(rows.messages) - len(inserted)
+        bumps, notify = bumps_and_notifications(unique.values(), inserted, conversations)
+        if bumps:
+            await conn.execute(BUMP_CONVERSATIONS, bumps)
+        if notify:
+            stats.notifications = _affected(await conn.execute(NOTIFY, notify))
+        due, redelivered = replies_due(
+            rows.messages, unique, inserted, conversations, self._created | parties.created, parties.phones
+        )
+        outbound = await self._auto_replies(due) if due else []
+        if redelivered:
+            outbound += await self._pending_replies(redelivered, parties, outbound)
+        return outbound
+
+    async def _auto_replies(self, due: list[DueReply]) -> list[OutboundMessage]:
+        # Ids are made here and kept only if their row is new (first in its window).
+        proposed = {uuid.uuid4().hex: reply for reply in due}
+        kept = await self.conn.fetch(
+            INSERT_AUTO_REPLIES,
+            [
+                {
+                    "company_id": r.message.company.id,
+                    "conversation_id": r.conversation_id,
+                    "kind": r.kind,
+                    "window_key": r.window,
+                    "outbound_id": outbound_id,
+                }
+                for outbound_id, r in proposed.items()
+            ],
+        )
+        replies = [(row["outbound_id"], proposed[row["outbound_id"]]) for row in kept]
+        if replies:
+            await self.conn.execute(
+                INSERT_PENDING_REPLIES,
+                [
+                    {
+                        "company_id": r.message.company.id,
+                        "conversation_id": r.conversation_id,
+                        "external_id": outbound_id,
+                        "body": r.text,
+                        "content": {"auto_reply": r.kind},
+                    }
+                    for outbound_id, r in replies
+                ],
+            )
+        return [
+            _reply(r.message.company, r.conversation_id, r.to, outbound_id, r.text)
+            for outbound_id, r in replies
+        ]
+
+    async def _pending_replies(
+        self, redelivered: dict[int, Message], parties: _Parties, queued_now: list[OutboundMessage]
+    ) -> list[OutboundMessage]:
+        """Replies committed earlier and still pending in the conversations of redelivered
+        messages: sent again under the same id (unless queued already)."""
+        queued = {reply.id for reply in self.outbound} | {reply.id for reply in queued_now}
+        order = sorted(redelivered)
+        pending = await self.conn.fetch(
+            PENDING_AUTO_REPLIES,
+            [{"company_id": redelivered[c].company.id, "conversation_id": c} for c in order],
+        )
+        out: list[OutboundMessage] = []
+        for row in pending:
+            if row["outbound_id"] in queued:
+                continue
+            conversation_id = int(row["conversation_id"])
+            m = redelivered[conversation_id]
+            to = parties.phones.get(m.contact)
+            if to is None:
+                continue
+            out.append(_reply(m.company, conversation_id, to, row["outbound_id"], row["body"]))
+        return out
+
+    async def _amendments(self, rows: RowSet) -> None:
+        """Edits and revokes kept, then applied to every target they or the new messages name."""
+        if rows.amendments:
+            await self.conn.execute(INSERT_AMENDMENTS, amendment_rows(rows.amendments))
+        targets = {(a.company_id, a.target) for a in rows.amendments}
+        targets.update(self._inserted)
+        self._inserted = {}
+        if targets:
+            await self.conn.execute(
+                APPLY_AMENDMENTS,
+                [{"company_id": c, "target": t} for c, t in sorted(targets)],
+                PREVIEW_MAX,
+            )
+
+
+@dataclass(slots=True)
+class _Parties:
+    """The database's answers for a row set's parties, by the batch's key for each."""
+
+    contact_ids: dict[ContactKey, int] = field(default_factory=dict)
+    phones: dict[ContactKey, str | None] = field(default_factory=dict)
+    conversations: dict[ContactKey, int] = field(default_factory=dict)
+    created: set[int] = field(default_factory=set)
 
 
 def _reply(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from harness.embedded import (
@@ -24,6 +25,7 @@ from infra.postgres.db import connect
 from infra.postgres.migrate import migrate
 from infra.postgres.tenants import Tenant, upsert_tenant
 from tests.containers import NoDockerEngine, docker_answers, kafka_and_postgres
+from tests.desk import Desk, open_desk
 from tests.support import CortexxProcess, ServiceUrls, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +181,10 @@ async def agent_user(db: asyncpg.Connection, tenant: Tenant) -> int:
         f"agent-{secrets.token_hex(4)}@{tenant.slug}.test",
     )
     return int(user_id)
+
+
+@pytest.fixture
+async def desk(db: asyncpg.Connection, ingest: CortexxProcess, api: CortexxProcess) -> AsyncIterator[Desk]:
+    """A company with one agent logged in to the read API, posting its webhooks to ingest."""
+    async with httpx.AsyncClient(timeout=20) as client:
+        yield await open_desk(db, client, ingest, api)

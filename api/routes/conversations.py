@@ -60,6 +60,9 @@ def conversation_json(row: asyncpg.Record) -> dict[str, Any]:
         "contact": {
             "id": row["contact_id"],
             "phone_number": row["phone_number"],
+            "user_id": row["user_id"],
+            "username": row["username"],
+            "parent_user_id": row["parent_user_id"],
             "name": row["contact_name"],
         },
         "last_message_at": row["last_message_at"],
@@ -67,6 +70,7 @@ def conversation_json(row: asyncpg.Record) -> dict[str, Any]:
         "unread_count": row["unread_count"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
+        "referral": row["referral"],
     }
 
 
@@ -181,6 +185,14 @@ async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, serv
         if target["channel"] != "whatsapp":
             raise ApiError(
                 409, "unsupported_channel", f"replies go out through WhatsApp, not {target['channel']}"
+            )
+        if target["phone_number"] is None:
+            # WUZAPI addresses a user by phone number only: a reply queued now could only fail.
+            who = target["username"] or "this contact"
+            raise ApiError(
+                409,
+                "contact_has_no_phone_number",
+                f"{who} has not shared a phone number; replies can be sent once one is known",
             )
         content = {"origin": "agent", "user_id": user.id}
         row = await db.fetchrow(REPLY_INSERT, conversation_id, outbound_id, body.text, content)

@@ -37,22 +37,31 @@ json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 
 SENDERS = ["4917600000001", "4917600000002", "5511900000003"]
 senders = st.sampled_from(SENDERS)
+# Business-scoped user ids; a username user may come with no phone number at all.
+USER_IDS = ["US.13491208655302741918", "BR.1502576394655843"]
+user_ids = st.sampled_from(USER_IDS)
 
 wa_messages = st.fixed_dictionaries(
-    {"from": senders, "id": st.text(min_size=1, max_size=6), "type": st.just("text")},
-    optional={"text": st.fixed_dictionaries({"body": st.text(max_size=20)})},
+    {"id": st.text(min_size=1, max_size=6), "type": st.just("text")},
+    optional={
+        "from": senders,
+        "from_user_id": user_ids,
+        "text": st.fixed_dictionaries({"body": st.text(max_size=20)}),
+    },
 )
 wa_statuses = st.fixed_dictionaries(
-    {
-        "id": st.text(min_size=1, max_size=6),
-        "status": st.sampled_from(["sent", "read"]),
-        "recipient_id": senders,
-    }
+    {"id": st.text(min_size=1, max_size=6), "status": st.sampled_from(["sent", "read"])},
+    optional={"recipient_id": senders, "recipient_user_id": user_ids},
 )
 # A wa_id is a string in Meta's payloads; a number is matched to its sender too.
 wa_contacts = st.builds(
-    lambda wa_id, name: {"wa_id": wa_id, "profile": {"name": name}},
-    senders | senders.map(int),
+    lambda wa_id, user_id, name: {
+        k: v
+        for k, v in (("wa_id", wa_id), ("user_id", user_id), ("profile", {"name": name}))
+        if v is not None
+    },
+    senders | senders.map(int) | st.none(),
+    user_ids | st.none(),
     st.text(max_size=6),
 )
 

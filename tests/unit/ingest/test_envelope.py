@@ -1,8 +1,10 @@
 """How ingest splits one Meta POST into topic records: one per WhatsApp message and per status,
-keyed by the conversation (so one customer's events keep their order), each carrying its own
-contact and everything else of its change; one per Messenger / Instagram event, keyed by the user
-whichever way the event goes; one per other change, untouched; and a budget that refuses a POST
-that would grow too large, before it is built."""
+keyed by the user (their business-scoped user id where given, else their phone number, so that
+one customer's events keep their order with or without a phone), each carrying its own contact
+card and everything else of its change; a user_id_update keyed by the user's new id; one per
+Messenger / Instagram event, keyed by the user whichever way the event goes; one per other
+change, untouched; and a budget that refuses a POST that would grow too large, before it is
+built."""
 
 from __future__ import annotations
 
@@ -148,6 +150,108 @@ def test_an_entry_time_that_is_not_a_number_is_left_out() -> None:
     assert split(doc)[0][1].entry_time is None
 
 
+# --------------------------------------------------------------------------- users by BSUID
+
+MARIA, BRUNO = "US.13491208655302741918", "BR.1502576394655843"  # business-scoped user ids
+
+
+def wa_doc(value: dict[str, Any], field: str = "messages") -> dict[str, Any]:
+    return wa_envelope([{"field": field, "value": value}], waba_id="1022")
+
+
+def wa_value(**parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1065"}, **parts}
+
+
+def by_user(wamid: str, user_id: str, phone: str | None = None) -> dict[str, Any]:
+    message = {"id": wamid, "from_user_id": user_id, "timestamp": "1750000000", "type": "text"}
+    return message if phone is None else message | {"from": phone}
+
+
+def status_to(wamid: str, state: str, **who: str) -> dict[str, Any]:
+    return {"id": wamid, "status": state, "timestamp": "1750000001", **who}
+
+
+MARIA_CARD = {"wa_id": ANA, "user_id": MARIA, "profile": {"name": "Maria", "username": "@maria"}}
+BRUNO_CARD = {"user_id": BRUNO, "profile": {"username": "@bruno"}}
+
+
+def test_a_username_users_records_are_keyed_by_their_business_scoped_id() -> None:
+    value = wa_value(
+        contacts=[{"user_id": MARIA, "profile": {"username": "@maria"}}], messages=[by_user("wamid.1", MARIA)]
+    )
+    [(key, record)] = split(wa_doc(value))
+    assert key == f"acme:1065:{MARIA}"
+    assert record.payload == value
+
+
+def test_one_users_records_go_under_one_key_with_or_without_their_phone() -> None:
+    value = wa_value(
+        contacts=[BRUNO_CARD, MARIA_CARD],
+        messages=[by_user("wamid.1", MARIA, ANA), by_user("wamid.2", MARIA), by_user("wamid.3", MARIA, "")],
+        statuses=[
+            status_to("wamid.out1", "delivered", recipient_id=ANA, recipient_user_id=MARIA),
+            status_to("wamid.out2", "read", recipient_user_id=MARIA),
+        ],
+    )
+    records = split(wa_doc(value))
+    assert [key for key, _ in records] == [f"acme:1065:{MARIA}"] * 5
+    # Each with its user's card, and only that.
+    assert all(r.payload["contacts"] == [MARIA_CARD] for _, r in records)
+    # A user Meta gives no BSUID is still keyed by phone.
+    [(key, _)] = split(wa_doc(wa_value(messages=[text("wamid.4", BEN)])))
+    assert key == f"acme:1065:{BEN}"
+
+
+def test_two_username_users_of_one_number_are_keyed_apart_each_with_their_own_card() -> None:
+    value = wa_value(
+        contacts=[MARIA_CARD, BRUNO_CARD],
+        messages=[by_user("wamid.1", BRUNO), by_user("wamid.2", MARIA), by_user("wamid.3", BRUNO)],
+    )
+    records = split(wa_doc(value))
+    assert [(key, r.payload["contacts"]) for key, r in records] == [
+        (f"acme:1065:{BRUNO}", [BRUNO_CARD]),
+        (f"acme:1065:{MARIA}", [MARIA_CARD]),
+        (f"acme:1065:{BRUNO}", [BRUNO_CARD]),
+    ]
+
+
+def test_a_status_carries_its_own_contact_card_and_a_failed_one_none() -> None:
+    # Delivered and read statuses come with the user's card (with the username); failed ones
+    # come without contacts, and without recipient_user_id if sent to a phone number.
+    delivered = status_to("wamid.out1", "delivered", recipient_user_id=MARIA)
+    failed = status_to("wamid.out2", "failed", recipient_id=CLEO)
+    records = split(wa_doc(wa_value(contacts=[BRUNO_CARD, MARIA_CARD], statuses=[delivered, failed])))
+    assert [(key, r.payload["statuses"]) for key, r in records] == [
+        (f"acme:1065:{MARIA}", [delivered]),
+        (f"acme:1065:{CLEO}", [failed]),
+    ]
+    assert records[0][1].payload["contacts"] == [MARIA_CARD]
+    assert "contacts" not in records[1][1].payload
+
+
+def test_a_user_id_update_is_one_record_keyed_by_its_first_users_new_id() -> None:
+    value = wa_value(
+        user_id_update=[
+            {"wa_id": ANA, "user_id": {"previous": "US.1", "current": MARIA}},
+            {"user_id": {"previous": "BR.1", "current": BRUNO}},
+        ]
+    )
+    [(key, record)] = split(wa_doc(value, "user_id_update"))
+    assert key == f"acme:1065:{MARIA}"  # where the user's next messages go
+    assert (record.kind, record.field, record.payload) == ("change", "user_id_update", value)
+
+
+@pytest.mark.parametrize(
+    "updates",
+    [[], [{"wa_id": ANA}], [{"user_id": "US.1"}], ["x"], None],
+)
+def test_a_user_id_update_naming_no_new_id_is_still_one_record(updates: Any) -> None:
+    value = wa_value(user_id_update=updates)
+    [(key, record)] = split(wa_doc(value, "user_id_update"))
+    assert (key, record.payload) == ("acme:1065:", value)
+
+
 # --------------------------------------------------------------------------- Messenger, Instagram
 
 
@@ -249,13 +353,38 @@ def _list(part: Any) -> list[Any]:
     return part if isinstance(part, list) else []
 
 
+def _id(part: Any, key: str) -> str:
+    value = part.get(key) if isinstance(part, dict) else None
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+
+
 def _message_records(value: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """What the split must give for a WhatsApp value, worked out plainly: (kind, contact, part)."""
+    """What the split must give for a WhatsApp value, worked out plainly: (kind, user, part),
+    the user by BSUID where given, else by phone."""
     messages = _list(value.get("messages"))
     statuses = _list(value.get("statuses"))
-    out = [("message", str(m.get("from", "")) if isinstance(m, dict) else "", m) for m in messages]
-    out += [("status", str(s.get("recipient_id", "")) if isinstance(s, dict) else "", s) for s in statuses]
+    contacts = _list(value.get("contacts"))
+    out = []
+    for kind, parts, ids in (
+        ("message", messages, ("from_user_id", "from")),
+        ("status", statuses, ("recipient_user_id", "recipient_id")),
+    ):
+        for part in parts:
+            user_id, phone = _id(part, ids[0]), _id(part, ids[1])
+            # A part that names its user by phone alone is keyed by its card's BSUID, if any.
+            own = _own_contact(contacts, kind, part) if not user_id else None
+            out.append((kind, user_id or _id(own, "user_id") or phone, part))
     return out
+
+
+def _own_contact(contacts: list[Any], kind: str, part: Any) -> Any:
+    """The last contact card that names the part's user by its BSUID, else by its phone."""
+    ids = ("from_user_id", "from") if kind == "message" else ("recipient_user_id", "recipient_id")
+    for who in (_id(part, key) for key in ids):
+        own = [c for c in contacts if who and who in (_id(c, "user_id"), _id(c, "wa_id"))]
+        if own:
+            return own[-1]
+    return None
 
 
 @fast(100)
@@ -282,17 +411,10 @@ def test_every_message_and_status_lands_in_exactly_one_record_in_order(value: di
         assert {k: v for k, v in payload.items() if k not in ("messages", "statuses", "contacts")} == {
             k: v for k, v in value.items() if k not in ("messages", "statuses", "contacts")
         }
-        if kind == "status":
-            assert "contacts" not in payload
-            continue
-        own = [
-            c
-            for c in contacts
-            if isinstance(c, dict) and isinstance(c.get("wa_id"), str | int) and str(c["wa_id"]) == who
-        ]
-        if own:
-            assert payload["contacts"] == [own[-1]]
-        elif contacts:
+        own = _own_contact(contacts, kind, part)
+        if own is not None:
+            assert payload["contacts"] == [own]
+        elif contacts and kind == "message":
             assert payload["contacts"] == contacts
         else:
             assert "contacts" not in payload
