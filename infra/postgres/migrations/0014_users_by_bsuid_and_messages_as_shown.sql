@@ -25,6 +25,19 @@ CREATE TABLE contact_user_ids (
 );
 CREATE INDEX contact_user_ids_contact_idx ON contact_user_ids (contact_id);
 
+-- Numbers a contact had before a number change: a record that names one (a redelivery, a late
+-- status to the old number) and no BSUID still finds the contact, and does not take the number
+-- back. A record with an unknown BSUID is another user, whatever number it names.
+CREATE TABLE contact_former_phones (
+    company_id      bigint NOT NULL REFERENCES companies(id) ON DELETE CASCADE,
+    channel         text NOT NULL,
+    phone_number    text NOT NULL,
+    contact_id      bigint NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (company_id, channel, phone_number)
+);
+CREATE INDEX contact_former_phones_contact_idx ON contact_former_phones (contact_id);
+
 -- Folds contact `p_gone` into `p_keep`: its ids, its conversation's messages and what hangs on
 -- them. Used when two contacts turn out to be one user (a message from a BSUID seen alone before
 -- names the phone of a contact known by phone alone; a user_id_update names two known ids).
@@ -38,6 +51,7 @@ BEGIN
         RETURN;
     END IF;
     UPDATE contact_user_ids SET contact_id = p_keep WHERE contact_id = p_gone;
+    UPDATE contact_former_phones SET contact_id = p_keep WHERE contact_id = p_gone;
     -- One reaction per contact and message: the later of the two stays.
     DELETE FROM message_reactions g
      USING message_reactions k
@@ -109,6 +123,7 @@ DECLARE
     found bigint;
     holder bigint;
     holder_user_id text;
+    phone text;
 BEGIN
     IF p_phone IS NULL AND p_user_id IS NULL THEN
         RAISE EXCEPTION 'a contact needs a phone number or a user id';
@@ -116,10 +131,25 @@ BEGIN
     LOOP
         found := contact_known(p_company, p_channel, p_user_id, NULL);
         holder := NULL;
-        IF p_phone IS NOT NULL THEN
+        phone := p_phone;
+        IF found IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = found
+                                          AND c.user_id IS DISTINCT FROM p_user_id) THEN
+            -- Named by a BSUID the user has had, not their current one: a record from before
+            -- the change (a redelivery, a late one), whose phone number is no longer theirs.
+            phone := NULL;
+        END IF;
+        IF phone IS NOT NULL THEN
             SELECT c.id, c.user_id INTO holder, holder_user_id FROM contacts c
              WHERE c.company_id = p_company AND c.channel = p_channel AND c.phone_number = p_phone
                AND c.deleted_at IS NULL;
+        END IF;
+        IF found IS NULL AND holder IS NULL AND p_user_id IS NULL THEN
+            SELECT f.contact_id INTO found FROM contact_former_phones f
+              JOIN contacts c ON c.id = f.contact_id AND c.deleted_at IS NULL
+             WHERE f.company_id = p_company AND f.channel = p_channel AND f.phone_number = p_phone;
+            IF found IS NOT NULL THEN
+                phone := NULL;  -- a number the user had: theirs no longer
+            END IF;
         END IF;
 
         IF found IS NULL AND holder IS NOT NULL
@@ -143,14 +173,14 @@ BEGIN
                 RETURNING c.id INTO found;
             ELSE
                 UPDATE contacts c
-                   SET phone_number = COALESCE(p_phone, c.phone_number),
+                   SET phone_number = COALESCE(phone, c.phone_number),
                        user_id = COALESCE(c.user_id, p_user_id),
                        name = COALESCE(p_name, c.name),
                        username = COALESCE(p_username, c.username),
                        parent_user_id = COALESCE(p_parent, c.parent_user_id),
                        updated_at = now()
                  WHERE c.id = found
-                   AND (c.phone_number IS DISTINCT FROM COALESCE(p_phone, c.phone_number)
+                   AND (c.phone_number IS DISTINCT FROM COALESCE(phone, c.phone_number)
                         OR c.user_id IS DISTINCT FROM COALESCE(c.user_id, p_user_id)
                         OR c.name IS DISTINCT FROM COALESCE(p_name, c.name)
                         OR c.username IS DISTINCT FROM COALESCE(p_username, c.username)
@@ -171,7 +201,8 @@ BEGIN
 END
 $$;
 
--- The contact a BSUID (any it has had) names, else the one a phone number names; NULL if none.
+-- The contact a BSUID (any it has had) names, else the one a phone number names (one it has had,
+-- when no BSUID is given); NULL if none.
 CREATE FUNCTION contact_known(p_company bigint, p_channel text, p_user_id text, p_phone text)
 RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
@@ -190,6 +221,11 @@ BEGIN
         SELECT id INTO found FROM contacts
          WHERE company_id = p_company AND channel = p_channel AND phone_number = p_phone
            AND deleted_at IS NULL;
+        IF found IS NULL AND p_user_id IS NULL THEN
+            SELECT f.contact_id INTO found FROM contact_former_phones f
+              JOIN contacts c ON c.id = f.contact_id AND c.deleted_at IS NULL
+             WHERE f.company_id = p_company AND f.channel = p_channel AND f.phone_number = p_phone;
+        END IF;
     END IF;
     RETURN found;
 END
@@ -234,6 +270,17 @@ BEGIN
          WHERE id = old_contact;
     END IF;
     IF p_new_phone IS NOT NULL THEN
+        INSERT INTO contact_former_phones (company_id, channel, phone_number, contact_id)
+        SELECT p_company, p_channel, c.phone_number, c.id FROM contacts c
+         WHERE c.id = old_contact AND c.phone_number IS NOT NULL AND c.phone_number <> p_new_phone
+        ON CONFLICT (company_id, channel, phone_number) DO UPDATE SET contact_id = EXCLUDED.contact_id;
+        IF p_old_phone IS NOT NULL AND p_old_phone <> p_new_phone THEN
+            INSERT INTO contact_former_phones (company_id, channel, phone_number, contact_id)
+            VALUES (p_company, p_channel, p_old_phone, old_contact)
+            ON CONFLICT (company_id, channel, phone_number) DO UPDATE SET contact_id = EXCLUDED.contact_id;
+        END IF;
+        DELETE FROM contact_former_phones
+         WHERE company_id = p_company AND channel = p_channel AND phone_number = p_new_phone;
         SELECT user_id INTO current_user_id FROM contacts WHERE id = old_contact;
         IF current_user_id IS NOT NULL THEN
             -- By its BSUID: the number moves to it from any contact that holds it.
