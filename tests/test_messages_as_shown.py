@@ -173,18 +173,24 @@ async def test_an_edit_replaces_the_text_and_keeps_the_earlier_versions(
     for change in (second, first, second):  # out of order, and redelivered
         await desk.post(envelope(contacts=contacts, messages=[change]))
 
+    async def versions() -> list[asyncpg.Record]:
+        return await db.fetch(
+            "SELECT body FROM message_amendments WHERE company_id = $1 AND message_external_id = $2"
+            " ORDER BY at",
+            desk.tenant.id,
+            target,
+        )
+
     async def edited() -> Json | None:
-        m = await _one_message(desk, target)
-        return m if m["body"] == "hello!!" else None
+        # Both edits written (the earlier one came second), then what the agent sees.
+        if len(await versions()) < 2:
+            return None
+        return await _one_message(desk, target)
 
     m = await _settled(desk, edited)
+    assert m["body"] == "hello!!"
     assert m["edited_at"] is not None and not m["deleted"]
-    versions = await db.fetch(
-        "SELECT body FROM message_amendments WHERE company_id = $1 AND message_external_id = $2 ORDER BY at",
-        desk.tenant.id,
-        target,
-    )
-    assert [v["body"] for v in versions] == ["hello", "hello!!"]
+    assert [v["body"] for v in await versions()] == ["hello", "hello!!"]
     original = await db.fetchval("SELECT original_body FROM messages WHERE external_id = $1", target)
     assert original == "helo"
     [conversation] = await desk.conversations(1)
