@@ -231,9 +231,13 @@ ON CONFLICT (company_id, external_id) DO NOTHING
 # deletes. A conversation whose last message it is shows the change in its preview ($2: the
 # preview's length, as schemas.previews clips; a deleted message previews as nothing).
 APPLY_AMENDMENTS = """
-WITH targets AS (
+WITH targets AS MATERIALIZED (
+    -- Only those with amendments: most are new messages that have none, and the few left
+    -- make the update below an index lookup per target, not a join over messages.
     SELECT DISTINCT u.company_id, u.target
       FROM json_to_recordset($1::json) AS u(company_id bigint, target text)
+     WHERE EXISTS (SELECT 1 FROM message_amendments a
+                    WHERE a.company_id = u.company_id AND a.message_external_id = u.target)
 ), latest_edit AS (
     SELECT DISTINCT ON (a.company_id, a.message_external_id)
            a.company_id, a.message_external_id, a.body, a.at
@@ -247,21 +251,24 @@ WITH targets AS (
       JOIN targets t ON t.company_id = a.company_id AND t.target = a.message_external_id
      WHERE a.kind = 'revoke'
      GROUP BY a.company_id, a.message_external_id
-), changed AS (
-    UPDATE messages m
-       SET original_body = CASE WHEN e.at IS NOT NULL AND m.edited_at IS NULL
-                                THEN m.body ELSE m.original_body END,
-           body = CASE WHEN e.at IS NOT NULL AND e.body IS NOT NULL THEN e.body ELSE m.body END,
-           edited_at = COALESCE(e.at, m.edited_at),
-           deleted_at = COALESCE(r.at, m.deleted_at),
-           updated_at = now()
+), fixes AS MATERIALIZED (
+    SELECT t.company_id, t.target, e.body, e.at AS edited_at, r.at AS deleted_at
       FROM targets t
       LEFT JOIN latest_edit e ON e.company_id = t.company_id AND e.message_external_id = t.target
       LEFT JOIN revoked r ON r.company_id = t.company_id AND r.message_external_id = t.target
-     WHERE m.company_id = t.company_id AND m.external_id = t.target
-       AND (e.at IS NOT NULL OR r.at IS NOT NULL)
-       AND (m.edited_at IS DISTINCT FROM COALESCE(e.at, m.edited_at)
-            OR m.deleted_at IS DISTINCT FROM COALESCE(r.at, m.deleted_at))
+     WHERE e.at IS NOT NULL OR r.at IS NOT NULL
+), changed AS (
+    UPDATE messages m
+       SET original_body = CASE WHEN f.edited_at IS NOT NULL AND m.edited_at IS NULL
+                                THEN m.body ELSE m.original_body END,
+           body = CASE WHEN f.edited_at IS NOT NULL AND f.body IS NOT NULL THEN f.body ELSE m.body END,
+           edited_at = COALESCE(f.edited_at, m.edited_at),
+           deleted_at = COALESCE(f.deleted_at, m.deleted_at),
+           updated_at = now()
+      FROM fixes f
+     WHERE m.company_id = f.company_id AND m.external_id = f.target
+       AND (m.edited_at IS DISTINCT FROM COALESCE(f.edited_at, m.edited_at)
+            OR m.deleted_at IS DISTINCT FROM COALESCE(f.deleted_at, m.deleted_at))
     RETURNING m.id, m.conversation_id, m.body, m.deleted_at
 )
 UPDATE conversations c

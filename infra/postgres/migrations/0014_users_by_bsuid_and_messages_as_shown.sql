@@ -44,12 +44,16 @@ CREATE INDEX contact_former_phones_contact_idx ON contact_former_phones (contact
 CREATE FUNCTION contact_merge(p_keep bigint, p_gone bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
+    company bigint;
     keep_conversation bigint;
     gone_conversation bigint;
 BEGIN
     IF p_keep = p_gone THEN
         RETURN;
     END IF;
+    -- Every lookup below names the company: each is then an index scan (BENCHMARKS.md,
+    -- "Figures behind the code's choices": without, a merge scanned notifications whole).
+    SELECT c.company_id INTO company FROM contacts c WHERE c.id = p_keep;
     UPDATE contact_user_ids SET contact_id = p_keep WHERE contact_id = p_gone;
     UPDATE contact_former_phones SET contact_id = p_keep WHERE contact_id = p_gone;
     -- One reaction per contact and message: the later of the two stays.
@@ -64,23 +68,27 @@ BEGIN
        AND k.message_external_id = g.message_external_id;
     UPDATE message_reactions SET contact_id = p_keep WHERE contact_id = p_gone;
     SELECT id INTO keep_conversation FROM conversations
-     WHERE contact_id = p_keep AND deleted_at IS NULL FOR UPDATE;
+     WHERE company_id = company AND contact_id = p_keep AND deleted_at IS NULL FOR UPDATE;
     SELECT id INTO gone_conversation FROM conversations
-     WHERE contact_id = p_gone AND deleted_at IS NULL FOR UPDATE;
+     WHERE company_id = company AND contact_id = p_gone AND deleted_at IS NULL FOR UPDATE;
     IF gone_conversation IS NOT NULL AND keep_conversation IS NULL THEN
         UPDATE conversations SET contact_id = p_keep, updated_at = now() WHERE id = gone_conversation;
     ELSIF gone_conversation IS NOT NULL THEN
+        -- Notifications are found by (agent, message): the index they have.
+        UPDATE notifications n SET conversation_id = keep_conversation
+          FROM users u, messages m
+         WHERE u.company_id = company AND m.conversation_id = gone_conversation
+           AND n.user_id = u.id AND n.message_id = m.id;
         UPDATE messages SET conversation_id = keep_conversation, updated_at = now()
-         WHERE conversation_id = gone_conversation;
-        UPDATE notifications SET conversation_id = keep_conversation
          WHERE conversation_id = gone_conversation;
         -- An auto-reply already due in both keeps the kept conversation's.
         DELETE FROM auto_replies g
          USING auto_replies k
-         WHERE g.conversation_id = gone_conversation AND k.conversation_id = keep_conversation
-           AND k.company_id = g.company_id AND k.kind = g.kind AND k.window_key = g.window_key;
+         WHERE g.company_id = company AND g.conversation_id = gone_conversation
+           AND k.company_id = company AND k.conversation_id = keep_conversation
+           AND k.kind = g.kind AND k.window_key = g.window_key;
         UPDATE auto_replies SET conversation_id = keep_conversation
-         WHERE conversation_id = gone_conversation;
+         WHERE company_id = company AND conversation_id = gone_conversation;
         UPDATE conversations k
            SET last_message_id = CASE WHEN k.last_message_at IS NULL OR k.last_message_at < g.last_message_at
                                       THEN g.last_message_id ELSE k.last_message_id END,
@@ -317,6 +325,7 @@ CREATE TABLE message_reactions (
     reaction_external_id text NOT NULL,  -- the reaction's own message id: breaks a tie in time
     PRIMARY KEY (company_id, message_external_id, contact_id)
 );
+CREATE INDEX message_reactions_contact_idx ON message_reactions (contact_id);  -- for merges
 
 -- Edits and revokes, kept as they came (the audit trail and the earlier versions), by their own
 -- message id; the latest edit is the target's body, a revoke marks it deleted. Also keyed by the
