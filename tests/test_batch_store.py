@@ -1,7 +1,9 @@
 """The worker's writer (processors/writer.py, over processors/rows.py) against real Postgres.
 
-A realistic seeded stream (`harness.meta_samples.build_plan`: every WhatsApp message type, statuses
-out of order, Messenger and Instagram, other fields, redelivered envelopes) plus what it lacks
+A realistic seeded stream (`harness.meta_samples.build_plan`: every WhatsApp message type from
+users by BSUID and phone, by BSUID and username alone and by phone alone, reactions, edits and
+revokes, statuses out of order, Messenger and Instagram, other fields, redelivered envelopes) plus
+what it lacks
 (Messenger echoes with delivery and read receipts, an unranked status, an errors-only change, a
 status naming an inbound message, a profile name that is not a string) is written in random
 batches, and the rows are checked against what the stream stands for, worked out here from the
@@ -17,7 +19,7 @@ import random
 import secrets
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -50,24 +52,36 @@ PAGE = "112233445566"
 START = 1_700_000_000  # Tuesday 2023-11-14 22:13:20 UTC
 
 # Rows as an agent sees them: no ids, no write times; auto-reply ids are random, so by their text.
+# A contact is named by its BSUID where it has one, else its phone (a username user has none);
+# contacts and conversations merged into others (one user known by two ids) are not shown.
+WHO = "coalesce(ct.user_id, ct.phone_number)"
 SNAPSHOT: dict[str, str] = {
     "contacts": """
-        SELECT phone_number, channel, name FROM contacts WHERE company_id = $1 ORDER BY 1, 2""",
-    "conversations": """
-        SELECT ct.phone_number, c.channel, c.status, c.unread_count, c.last_message_at,
+        SELECT coalesce(user_id, phone_number), channel, phone_number, username, name FROM contacts
+         WHERE company_id = $1 AND deleted_at IS NULL ORDER BY 1, 2""",
+    "conversations": f"""
+        SELECT {WHO}, c.channel, c.status, c.unread_count, c.last_message_at,
                c.last_message_preview,
                CASE WHEN lm.content ? 'auto_reply' THEN lm.body ELSE lm.external_id END AS last_message
           FROM conversations c JOIN contacts ct ON ct.id = c.contact_id
           LEFT JOIN messages lm ON lm.id = c.last_message_id
-         WHERE c.company_id = $1 ORDER BY 1, 2""",
-    "messages": """
-        SELECT ct.phone_number, m.external_id, m.direction, m.type, m.body, m.content::text, m.status,
-               m.status_rank, m.status_at, m.error::text, m.sent_at
+         WHERE c.company_id = $1 AND c.deleted_at IS NULL ORDER BY 1, 2""",
+    "messages": f"""
+        SELECT {WHO}, m.external_id, m.direction, m.type, m.body, m.content::text, m.status,
+               m.status_rank, m.status_at, m.error::text, m.sent_at, m.reply_to, m.forwarded,
+               m.referral::text, m.edited_at, m.original_body, m.deleted_at
           FROM messages m JOIN conversations c ON c.id = m.conversation_id
           JOIN contacts ct ON ct.id = c.contact_id
          WHERE m.company_id = $1 AND NOT m.content ? 'auto_reply' ORDER BY 2""",
-    "auto_replies": """
-        SELECT ct.phone_number, ar.kind, ar.window_key, m.body, m.status
+    "reactions": f"""
+        SELECT r.message_external_id, {WHO}, r.emoji, r.reacted_at, r.reaction_external_id
+          FROM message_reactions r JOIN contacts ct ON ct.id = r.contact_id
+         WHERE r.company_id = $1 ORDER BY 1, 2""",
+    "amendments": """
+        SELECT external_id, message_external_id, kind, body, at FROM message_amendments
+         WHERE company_id = $1 ORDER BY 1""",
+    "auto_replies": f"""
+        SELECT {WHO}, ar.kind, ar.window_key, m.body, m.status
           FROM auto_replies ar JOIN conversations c ON c.id = ar.conversation_id
           JOIN contacts ct ON ct.id = c.contact_id
           JOIN messages m ON m.company_id = ar.company_id AND m.external_id = ar.outbound_id
@@ -176,10 +190,13 @@ def _stream() -> tuple[SimulationPlan, list[dict[str, Any]], str]:
         contacts=[("4915774900010", "placeholder")],
     )
     odd_name["value"]["contacts"][0]["profile"]["name"] = 5
-    inbound_id, inbound = next(
-        (k, e) for k, e in plan.expected.items() if e.direction == "inbound" and e.channel == "whatsapp"
+    # (To a user known by one number all along: the status names them by it.)
+    inbound_id, phone = next(
+        (k, plan.users[e.user].phones[0])
+        for k, e in plan.expected.items()
+        if e.direction == "inbound" and e.user is not None and len(plan.users[e.user].phones) == 1
     )
-    named_inbound = wa_status("read", wamid=inbound_id, recipient_id=inbound.contact, timestamp=START + 4000)
+    named_inbound = wa_status("read", wamid=inbound_id, recipient_id=phone, timestamp=START + 4000)
     envelopes.append(
         wa_envelope(
             [
@@ -229,33 +246,65 @@ async def _snapshot(db: asyncpg.Connection, company_id: int) -> dict[str, list[t
     return {name: [tuple(r.values()) for r in await db.fetch(q, company_id)] for name, q in SNAPSHOT.items()}
 
 
-def _inbound(records: list[WebhookRecord]) -> list[tuple[str, str, str, float, str | None]]:
-    """(external id, contact, channel, time, profile name) of each inbound message, in order."""
+def _who(plan: SimulationPlan) -> dict[str, str]:
+    """Every id a WhatsApp user of the plan wrote under -> how their contact ends up known: by
+    their last BSUID, else their last phone (a number change names the contact the old one did)."""
+    out: dict[str, str] = {}
+    for user in plan.users.values():
+        final = user.user_id or user.phone
+        assert final is not None
+        for ident in (*user.user_ids, *user.phones):
+            out[ident] = final
+    return out
+
+
+def _sender(m: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A WhatsApp message's (phone, BSUID), a changed number's system message by its new ones."""
+    phone, user_id = m.get("from"), m.get("from_user_id")
+    system = m.get("system") or {}
+    return system.get("wa_id") or phone, system.get("user_id") or user_id
+
+
+AMENDMENTS = ("reaction", "edit", "revoke")  # what a WhatsApp user sends that is not a message
+
+
+class _In(NamedTuple):
+    """An inbound message of the stream."""
+
+    key: str  # its external id
+    who: str  # its contact, as it ends up known (`_who`)
+    channel: str
+    at: float
+    name: str | None  # the profile name it came with
+    title: str  # who its notifications say it is from: the name, else the username, else the id
+
+
+def _inbound(records: list[WebhookRecord], who: dict[str, str]) -> list[_In]:
+    """Each inbound message of `records`, in order (a WhatsApp system message by the user's new ids)."""
     out = []
     for r in records:
         if r.kind == "change" and r.field == "messages":
-            names = {c["wa_id"]: c["profile"]["name"] for c in r.payload.get("contacts") or ()}
+            cards = r.payload.get("contacts") or ()
             for m in r.payload.get("messages") or ():
-                name = names.get(m["from"])
+                if m["type"] in AMENDMENTS:
+                    continue
+                phone, user_id = _sender(m)
+                card = next((c for c in cards if user_id and c.get("user_id") == user_id), None) or next(
+                    (c for c in cards if phone and c.get("wa_id") == phone), {}
+                )
+                profile = card.get("profile") or {}
+                name = profile.get("name") if isinstance(profile.get("name"), str) else None
+                ident = user_id or phone
+                assert ident is not None
+                title = name or profile.get("username") or phone or user_id
                 out.append(
-                    (
-                        m["id"],
-                        m["from"],
-                        "whatsapp",
-                        float(m["timestamp"]),
-                        name if isinstance(name, str) else None,
-                    )
+                    _In(m["id"], who.get(ident, ident), "whatsapp", float(m["timestamp"]), name, title)
                 )
         elif r.kind == "messaging" and "message" in r.payload and not r.payload["message"].get("is_echo"):
             channel = "instagram" if r.object == "instagram" else "messenger"
+            sender = r.payload["sender"]["id"]
             out.append(
-                (
-                    r.payload["message"]["mid"],
-                    r.payload["sender"]["id"],
-                    channel,
-                    r.payload["timestamp"] / 1000,
-                    None,
-                )
+                _In(r.payload["message"]["mid"], sender, channel, r.payload["timestamp"] / 1000, None, sender)
             )
     return out
 
@@ -268,10 +317,11 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
     per_batch = await _write(db, batches)
     queued = [reply for replies in per_batch for reply in replies]
 
+    who = _who(plan)
     messages = {
         r["external_id"]: r
         for r in await db.fetch(
-            "SELECT m.*, ct.phone_number FROM messages m"
+            f"SELECT m.*, {WHO} AS who, ct.phone_number FROM messages m"
             " JOIN conversations c ON c.id = m.conversation_id JOIN contacts ct ON ct.id = c.contact_id"
             " WHERE m.company_id = $1 AND NOT m.content ? 'auto_reply'",
             company.id,
@@ -283,13 +333,35 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
     assert set(messages) == set(plan.expected) | extra
     for key, expected in plan.expected.items():
         row = messages[key]
-        assert (row["direction"], row["status"], row["phone_number"]) == (
+        assert (row["direction"], row["status"], row["who"]) == (
             expected.direction,
             expected.final_status,
-            expected.contact,
+            who.get(expected.contact, expected.contact),
         ), key
         if expected.direction == "inbound":
             assert (row["type"], row["status_rank"]) == (expected.type, 0) and row["body"], key
+            assert (row["reply_to"], row["forwarded"]) == (expected.reply_to, expected.forwarded), key
+            assert (row["referral"] is not None) == expected.referral, key
+    # Reactions on their message, the last one sent (or removed); edits applied, the body before
+    # them kept; revoked messages marked deleted, their body kept.
+    reactions = await db.fetch(
+        f"SELECT r.message_external_id, {WHO} AS who, r.emoji FROM message_reactions r"
+        " JOIN contacts ct ON ct.id = r.contact_id WHERE r.company_id = $1",
+        company.id,
+    )
+    assert sorted((r["message_external_id"], r["who"], r["emoji"] or "") for r in reactions) == sorted(
+        (target, who[user], reaction.emoji or "") for (target, user), reaction in plan.reactions.items()
+    )
+    for target, edit in plan.edits.items():
+        row = messages[target]
+        assert (row["body"], row["edited_at"] is not None, row["original_body"]) == (
+            edit.body,
+            True,
+            row["content"]["text"]["body"],
+        ), target
+    assert {k for k, r in messages.items() if r["deleted_at"] is not None} == set(plan.revokes)
+    for target in plan.revokes:
+        assert messages[target]["body"], target
     # The status naming an inbound message left it as received.
     assert sum(1 for r in messages.values() if r["direction"] == "inbound" and r["status"] != "received") == 0
     assert messages["wamid.sent-before-us"]["status"] == "delivered"
@@ -306,23 +378,23 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
         "m_echo3": ("delivered", at(5002)),
     }
 
-    inbound = _inbound(records)
-    first = {}
-    for key, contact, channel, when, name in inbound:
-        first.setdefault(key, (contact, channel, when, name))
+    inbound = _inbound(records, who)
+    first: dict[str, _In] = {}
+    for message in inbound:
+        first.setdefault(message.key, message)
     # Conversations: one per contact, unread = its inbound messages, last = its latest message.
     latest: dict[tuple[str, str], float] = defaultdict(float)
     unread: Counter[tuple[str, str]] = Counter()
-    for contact, channel, when, _ in first.values():
-        unread[contact, channel] += 1
-        latest[contact, channel] = max(latest[contact, channel], when)
+    for message in first.values():
+        unread[message.who, message.channel] += 1
+        latest[message.who, message.channel] = max(latest[message.who, message.channel], message.at)
     for i in range(4):
         latest[page_user, "messenger"] = max(latest[page_user, "messenger"], START + 100 + i)
     conversations = {
-        (r["phone_number"], r["channel"]): r
+        (r["who"], r["channel"]): r
         for r in await db.fetch(
-            "SELECT ct.phone_number, c.* FROM conversations c JOIN contacts ct ON ct.id = c.contact_id "
-            "WHERE c.company_id = $1",
+            f"SELECT {WHO} AS who, c.* FROM conversations c JOIN contacts ct ON ct.id = c.contact_id "
+            "WHERE c.company_id = $1 AND c.deleted_at IS NULL",
             company.id,
         )
     }
@@ -330,26 +402,41 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
         row = conversations[key]
         assert (row["unread_count"], row["status"]) == (count, "open"), key
         assert row["last_message_at"] == datetime.fromtimestamp(latest[key], tz=UTC), key
-        newest = await db.fetchrow("SELECT body, sent_at FROM messages WHERE id = $1", row["last_message_id"])
+        newest = await db.fetchrow(
+            "SELECT body, sent_at, deleted_at FROM messages WHERE id = $1", row["last_message_id"]
+        )
         assert newest["sent_at"] == row["last_message_at"]
-        body = newest["body"]
+        body = "" if newest["deleted_at"] else newest["body"]  # a revoked message previews as nothing
         assert row["last_message_preview"] == (
             body if len(body) <= PREVIEW_MAX else body[: PREVIEW_MAX - 1] + "\u2026"
         )
     assert set(conversations) - set(unread) == {("4915774900009", "whatsapp")}  # statuses only
 
     # Contacts: the last profile name given; none where none was (or it was not a string).
-    names = {
-        (r["phone_number"], r["channel"]): r["name"]
-        for r in await db.fetch("SELECT * FROM contacts WHERE company_id = $1", company.id)
+    contacts = {
+        (r["who"], r["channel"]): r
+        for r in await db.fetch(
+            "SELECT coalesce(user_id, phone_number) AS who, * FROM contacts"
+            " WHERE company_id = $1 AND deleted_at IS NULL",
+            company.id,
+        )
     }
+    names = {key: r["name"] for key, r in contacts.items()}
     assert set(names) == set(conversations)
-    for (phone, channel), name in names.items():
-        given = [n for _, c, ch, _, n in inbound if (c, ch) == (phone, channel) and n is not None]
-        assert name == (given[-1] if given else None), phone
+    for (ident, channel), name in names.items():
+        given = [m.name for m in inbound if (m.who, m.channel) == (ident, channel) and m.name is not None]
+        assert name == (given[-1] if given else None), ident
     assert plan.contacts.keys() >= {
-        phone for phone, channel in names if channel == "whatsapp" and names[phone, channel]
+        ident for ident, channel in names if channel == "whatsapp" and names[ident, channel]
     }
+    # Each WhatsApp user one contact, as they end: a username user with no phone.
+    for user in plan.users.values():
+        row = contacts[who[user.key], "whatsapp"]
+        assert (row["phone_number"], row["user_id"], row["username"]) == (
+            user.phone,
+            user.user_id,
+            user.username,
+        ), user.key
 
     # Notifications: one per active agent per inbound message, titled with the contact's name.
     notes = await db.fetch(
@@ -360,8 +447,7 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
     assert Counter(n["agent"] for n in notes) == {"ana": len(first), "bo": len(first)}
     assert {n["external_id"] for n in notes} == set(first)
     for n in notes:
-        contact, _, _, name = first[n["external_id"]]
-        assert n["title"] == f"New message from {name or contact}"
+        assert n["title"] == f"New message from {first[n['external_id']].title}", n["external_id"]
         assert (
             n["body"] == n["message_body"][: PREVIEW_MAX - 1] + "\u2026"
             if len(n["message_body"]) > PREVIEW_MAX
@@ -387,26 +473,34 @@ async def test_a_realistic_stream_leaves_the_rows_it_stands_for(db: asyncpg.Conn
         for r in batch:
             if r.kind == "change" and r.field == "messages":
                 for m in r.payload.get("messages") or ():
-                    created_in.setdefault(m["from"], b)
+                    phone, user_id = m.get("from"), m.get("from_user_id")
+                    ident = user_id or phone
+                    created_in.setdefault(who.get(ident, ident), b)
                 for s in r.payload.get("statuses") or ():
                     if s["status"] != "deleted":
-                        created_in.setdefault(s["recipient_id"], b)
+                        ident = s.get("recipient_user_id") or s["recipient_id"]
+                        created_in.setdefault(who.get(ident, ident), b)
+    phone_of = {r["who"]: r["phone_number"] for r in contacts.values()}
+    kind_of = {k: e.type for k, e in plan.expected.items()}
     expected_replies = set()
     for b, batch in enumerate(batches):
-        for key, contact, channel, when, _ in _inbound(batch):
-            if channel != "whatsapp" or first[key][2] != when:
+        for message in _inbound(batch, who):
+            if message.channel != "whatsapp" or first[message.key].at != message.at:
                 continue
-            if not _open(when):
+            to = phone_of.get(message.who)
+            if to is None or kind_of.get(message.key) == "system":
+                continue  # no number to send to (a username user), or WhatsApp's own message
+            if not _open(message.at):
                 expected_replies.add(
                     (
-                        contact,
+                        to,
                         "away",
-                        datetime.fromtimestamp(when, tz=UTC).date().isoformat(),
+                        datetime.fromtimestamp(message.at, tz=UTC).date().isoformat(),
                         "We are closed.",
                     )
                 )
-            elif created_in[contact] == b:
-                expected_replies.add((contact, "welcome", "conversation", "Welcome!"))
+            elif created_in[message.who] == b:
+                expected_replies.add((to, "welcome", "conversation", "Welcome!"))
     replies = await db.fetch(
         "SELECT ct.phone_number, ar.kind, ar.window_key, ar.outbound_id, m.body, m.status, m.direction"
         " FROM auto_replies ar JOIN conversations c ON c.id = ar.conversation_id"
@@ -496,8 +590,11 @@ async def test_a_batch_takes_a_fixed_number_of_statements_whatever_its_size(db: 
             rows = to_rows(batch, await load_companies(db, CompanyCache(), batch))
             await RowWriter(counting).apply(rows)  # type: ignore[arg-type]
         counts.append(counting.statements)
-    assert len(thrice) == 3 * len(alone) > 600
-    assert counts == [12, 12]
+    assert len(thrice) == 3 * len(alone) > 500
+    # processors/writer.py's sixteen: contacts, conversations, messages, bumps, notifications,
+    # auto-replies, their messages, pending replies, amendments kept and applied, reactions,
+    # statuses, delivery and read receipts, events, identity changes.
+    assert counts == [16, 16]
 
 
 def _poisoned(
