@@ -41,7 +41,12 @@ from typing import Any
 __all__ = [
     "MESSAGE_TYPES",
     "STATUSES",
+    "USER_KINDS",
+    "ExpectedEdit",
     "ExpectedMessage",
+    "ExpectedReaction",
+    "ExpectedRevoke",
+    "ExpectedUser",
     "SimulationPlan",
     "build_plan",
     "final_status_of",
@@ -49,9 +54,13 @@ __all__ = [
     "messenger_message",
     "sign",
     "wa_change",
+    "wa_contact",
+    "wa_edit",
     "wa_envelope",
     "wa_message",
     "wa_other_change",
+    "wa_reaction",
+    "wa_revoke",
     "wa_status",
 ]
 
@@ -72,6 +81,14 @@ MESSAGE_TYPES: tuple[str, ...] = (
     "unsupported",
 )
 """Every inbound WhatsApp ``messages[].type`` this module can build."""
+
+USER_KINDS: tuple[str, ...] = ("bsuid", "username", "phone")
+"""How :func:`build_plan`'s WhatsApp users are known, in the order it gives them out: by BSUID
+and phone (a user who shares their number, since 2026); by BSUID and username, with no phone in
+any payload; by phone alone (payloads from before BSUIDs)."""
+
+# What each inbound item of a plan's user is, in turn (reactions, edits, revokes are no messages).
+_PLAN_SLOTS: tuple[str, ...] = (*MESSAGE_TYPES, "edit", "revoke")
 
 STATUSES: tuple[str, ...] = ("sent", "delivered", "read", "played", "failed")
 """WhatsApp ``statuses[].status`` values for messages the business sent."""
@@ -179,6 +196,12 @@ _PRODUCTS: tuple[tuple[str, float], ...] = (
     ("SKU-CAP-NVY", 14.0),
     ("SKU-HOODIE-GRY-L", 49.0),
     ("SKU-SOCKS-3PK", 9.99),
+)
+_ADS: tuple[tuple[str, str], ...] = (
+    ("Chat with us", "Summer Succulents are here!"),
+    ("20% off this week", "Tap to order on WhatsApp"),
+    ("Book your table", "Message us to reserve tonight"),
+    ("Free delivery", "Ask us about your order"),
 )
 _SYSTEM_CHANGED_NUMBER = "customer_changed_number"
 
@@ -340,33 +363,68 @@ def _interactive(rng: random.Random, variant: str) -> dict[str, Any]:
     return {"type": "button_reply", "button_reply": {"id": button_id, "title": title}}
 
 
+def _referral(rng: random.Random) -> dict[str, Any]:
+    """A click-to-WhatsApp ad's ``referral``, as on the first message of a chat it started."""
+    source_id = _digits(rng, 18)
+    headline, body = rng.choice(_ADS)
+    return {
+        "source_url": f"https://fb.me/{_b64(rng.randbytes(7))[:9].replace('/', 'x').replace('+', 'y')}",
+        "source_id": source_id,
+        "source_type": "ad",
+        "headline": headline,
+        "body": body,
+        "media_type": "image",
+        "image_url": f"https://scontent.xx.fbcdn.net/v/t45.1600-4/{_digits(rng, 9)}_{source_id}_n.jpg",
+        "ctwa_clid": "Af" + _b64(rng.randbytes(12)).rstrip("=").replace("/", "-").replace("+", "_"),
+    }
+
+
 # --------------------------------------------------------------------------- WhatsApp
+
+
+def _sender(from_: str | None, from_user_id: str | None) -> dict[str, Any]:
+    """A message's sender fields: ``from`` (the phone, where the user shares it) and
+    ``from_user_id`` (the BSUID, where Meta gives one)."""
+    if from_ is None and from_user_id is None:
+        raise ValueError("a WhatsApp message needs from_ (a phone number) or from_user_id (a BSUID)")
+    out: dict[str, Any] = {}
+    if from_ is not None:
+        out["from"] = from_
+    if from_user_id is not None:
+        out["from_user_id"] = from_user_id
+    return out
 
 
 def wa_message(
     msg_type: str,
     *,
     wamid: str,
-    from_: str,
+    from_: str | None,
     timestamp: int,
     rng: random.Random | None = None,
+    from_user_id: str | None = None,
 ) -> dict[str, Any]:
     """One element of ``value.messages[]`` of type ``msg_type``, as Meta sends it.
 
-    ``from_`` is the user's wa_id (E.164 digits, no ``+``); ``timestamp`` is unix seconds
-    (serialised as a string, like Meta). Content is drawn from ``rng`` (default: seeded from
-    ``wamid``, so the same arguments always give the same message). ``interactive`` picks a
-    ``button_reply`` or ``list_reply`` at random; ``interactive`` and ``button`` carry a
-    ``context`` ``{from, id}`` pointing at the business message they answer (placeholder
-    values here; :func:`build_plan` points them at real outbound messages).
+    ``from_`` is the user's wa_id (E.164 digits, no ``+``), None for a user who does not share
+    it (a username user); ``from_user_id`` their business-scoped user id (BSUID, e.g.
+    ``BR.1502576394655843``), None in payloads from before BSUIDs; one of the two is needed.
+    ``timestamp`` is unix seconds (serialised as a string, like Meta). Content is drawn from
+    ``rng`` (default: seeded from ``wamid``, so the same arguments always give the same
+    message). ``interactive`` picks a ``button_reply`` or ``list_reply`` at random;
+    ``interactive`` and ``button`` carry a ``context`` ``{from, id}`` pointing at the business
+    message they answer (placeholder values here; :func:`build_plan` points them at real
+    outbound messages). ``system`` (a changed number) needs ``from_``.
     """
     if msg_type not in MESSAGE_TYPES:
         raise ValueError(f"unknown WhatsApp message type {msg_type!r}")
+    if msg_type == "system" and from_ is None:
+        raise ValueError("a changed-number system message needs the user's old number (from_)")
     r = rng if rng is not None else random.Random(wamid)
-    msg: dict[str, Any] = {"from": from_, "id": wamid, "timestamp": str(timestamp)}
+    msg: dict[str, Any] = {**_sender(from_, from_user_id), "id": wamid, "timestamp": str(timestamp)}
     placeholder_context = {
         "from": "1555" + _digits(r, 7),
-        "id": _make_wamid(r, from_, inbound=False),
+        "id": _make_wamid(r, from_ or from_user_id or "", inbound=False),
     }
 
     if msg_type == "text":
@@ -465,6 +523,7 @@ def wa_message(
             "product_items": items,
         }
     elif msg_type == "system":
+        assert from_ is not None
         new_wa_id = from_[:-4] + _digits(r, 4, first_nonzero=False)
         if new_wa_id == from_:
             new_wa_id = from_[:-1] + str((int(from_[-1]) + 1) % 10)
@@ -489,6 +548,7 @@ def wa_status(
     wamid: str,
     recipient_id: str,
     timestamp: int,
+    recipient_user_id: str | None = None,
 ) -> dict[str, Any]:
     """One element of ``value.statuses[]`` for a message the business sent.
 
@@ -496,6 +556,7 @@ def wa_status(
     ``delivered`` carries them without the expiration; ``read`` carries neither; ``failed``
     carries ``errors[]`` (``code, title, message, error_data.details, href``). The
     conversation id is derived from ``recipient_id`` so all statuses for one user agree.
+    ``recipient_user_id`` (the recipient's BSUID) follows ``recipient_id`` where given.
     """
     if status not in STATUSES:
         raise ValueError(f"unknown WhatsApp status {status!r}")
@@ -505,6 +566,8 @@ def wa_status(
         "timestamp": str(timestamp),
         "recipient_id": recipient_id,
     }
+    if recipient_user_id is not None:
+        out["recipient_user_id"] = recipient_user_id
     if status in ("sent", "delivered"):
         conversation: dict[str, Any] = {
             "id": hashlib.md5(recipient_id.encode("ascii"), usedforsecurity=False).hexdigest(),
@@ -526,17 +589,104 @@ def wa_status(
     return out
 
 
+def wa_contact(
+    *,
+    wa_id: str | None = None,
+    user_id: str | None = None,
+    name: str | None = None,
+    username: str | None = None,
+) -> dict[str, Any]:
+    """One element of ``value.contacts[]``: ``profile`` (``name``, and ``username`` for a user
+    who adopted one), ``wa_id`` only where the user shares their phone, ``user_id`` (the BSUID)
+    where Meta gives one. Fields not given are left out, as Meta does."""
+    if wa_id is None and user_id is None:
+        raise ValueError("a contact needs a wa_id or a user_id")
+    profile: dict[str, Any] = {}
+    if name is not None:
+        profile["name"] = name
+    if username is not None:
+        profile["username"] = username
+    card: dict[str, Any] = {"profile": profile} if profile else {}
+    if wa_id is not None:
+        card["wa_id"] = wa_id
+    if user_id is not None:
+        card["user_id"] = user_id
+    return card
+
+
+def wa_reaction(
+    *,
+    wamid: str,
+    from_: str | None,
+    timestamp: int,
+    target: str,
+    emoji: str | None,
+    from_user_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``type == "reaction"`` message: ``reaction.message_id`` names the message reacted to;
+    ``emoji`` None removes the user's reaction (Meta leaves ``emoji`` out then)."""
+    part: dict[str, Any] = {"message_id": target}
+    if emoji is not None:
+        part["emoji"] = emoji
+    return {
+        **_sender(from_, from_user_id),
+        "id": wamid,
+        "timestamp": str(timestamp),
+        "type": "reaction",
+        "reaction": part,
+    }
+
+
+def wa_edit(
+    *,
+    wamid: str,
+    from_: str | None,
+    timestamp: int,
+    target: str,
+    body: str,
+    from_user_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``type == "edit"`` message (Coexistence numbers): ``edit.original_message_id`` names the
+    message edited, ``edit.message`` is its new text message."""
+    return {
+        **_sender(from_, from_user_id),
+        "id": wamid,
+        "timestamp": str(timestamp),
+        "type": "edit",
+        "edit": {"original_message_id": target, "message": {"type": "text", "text": {"body": body}}},
+    }
+
+
+def wa_revoke(
+    *,
+    wamid: str,
+    from_: str | None,
+    timestamp: int,
+    target: str,
+    from_user_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``type == "revoke"`` message: the user deleted ``revoke.original_message_id``."""
+    return {
+        **_sender(from_, from_user_id),
+        "id": wamid,
+        "timestamp": str(timestamp),
+        "type": "revoke",
+        "revoke": {"original_message_id": target},
+    }
+
+
 def wa_change(
     *,
     phone_number_id: str,
     display_phone_number: str,
     messages: Sequence[dict[str, Any]] = (),
     statuses: Sequence[dict[str, Any]] = (),
-    contacts: Sequence[tuple[str, str]] = (),
+    contacts: Sequence[tuple[str, str] | dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """A ``field == "messages"`` change: ``{"value": {...}, "field": "messages"}``.
 
-    ``contacts`` are ``(wa_id, profile name)`` pairs, one per user whose messages are in
+    ``contacts`` are ``(wa_id, profile name)`` pairs (the shape from before BSUIDs) or whole
+    ``contacts[]`` elements (:func:`wa_contact`), one per user whose messages are in
     ``messages``. Empty arrays are left out, as Meta does.
     """
     value: dict[str, Any] = {
@@ -547,7 +697,10 @@ def wa_change(
         },
     }
     if contacts:
-        value["contacts"] = [{"profile": {"name": name}, "wa_id": wa_id} for wa_id, name in contacts]
+        value["contacts"] = [
+            copy.deepcopy(c) if isinstance(c, dict) else {"profile": {"name": c[1]}, "wa_id": c[0]}
+            for c in contacts
+        ]
     if messages:
         value["messages"] = [dict(m) for m in messages]
     if statuses:
@@ -654,17 +807,78 @@ class ExpectedMessage:
     direction: str  # "inbound" | "outbound"
     type: str  # message type; "text" for outbound
     final_status: str  # inbound: "received"; outbound: highest status, "failed" terminal
-    contact: str  # wa_id or PSID/IGSID
+    contact: str  # the id it was sent under or to: BSUID where there is one, else wa_id; PSID/IGSID
+    user: str | None = None  # WhatsApp: the key of its user in SimulationPlan.users
+    reply_to: str | None = None  # the message it quotes (context.id; a forward quotes nothing)
+    forwarded: bool = False
+    referral: bool = False  # it came from a click-to-WhatsApp ad (its conversation keeps it)
+
+
+@dataclass(frozen=True)
+class ExpectedUser:
+    """A WhatsApp user of the plan, as their contact should end (after any number change)."""
+
+    key: str  # the first id they wrote under: BSUID, else phone; stable across a number change
+    kind: str  # one of USER_KINDS
+    name: str
+    phone: str | None  # None: a username user, whose phone is never in any payload
+    user_id: str | None  # the current BSUID; None for a user known by phone alone
+    username: str | None
+    phones: tuple[str, ...] = ()  # every phone they wrote under, oldest first
+    user_ids: tuple[str, ...] = ()  # every BSUID they had, oldest first
+
+
+@dataclass(frozen=True)
+class ExpectedReaction:
+    """A user's reaction to one message (not a message itself): where it should end."""
+
+    target: str  # external id of the message reacted to (the user's own, or the business's)
+    user: str  # the reacting user's key in SimulationPlan.users
+    emoji: str | None  # the latest reaction's emoji; None: removed
+    reactions: tuple[str, ...]  # the reaction messages' own ids, in time order
+
+
+@dataclass(frozen=True)
+class ExpectedEdit:
+    """Edits of one of a user's earlier inbound text messages: its body should be the last."""
+
+    target: str
+    user: str
+    body: str  # the latest edit's text
+    edits: tuple[str, ...]  # the edit messages' own ids, in time order
+
+
+@dataclass(frozen=True)
+class ExpectedRevoke:
+    """A user deleted one of their earlier inbound messages: it should be marked deleted."""
+
+    target: str
+    user: str
+    revoke: str  # the revoke message's own id
 
 
 @dataclass
 class SimulationPlan:
-    """A deterministic stream of webhook bodies plus the outcome it should produce."""
+    """A deterministic stream of webhook bodies plus the outcome it should produce.
+
+    ``expected`` holds the messages only: reactions, edits and revokes are not messages (they
+    are in ``reactions``, ``edits`` and ``revokes``, by what they apply to)."""
 
     webhooks: list[dict[str, Any]]
     expected: dict[str, ExpectedMessage]
     duplicates: int
-    contacts: dict[str, str] = field(default_factory=dict)  # wa_id/PSID -> display name
+    contacts: dict[str, str] = field(default_factory=dict)  # wa_id/BSUID/PSID -> display name
+    users: dict[str, ExpectedUser] = field(default_factory=dict)  # WhatsApp users by key
+    reactions: dict[tuple[str, str], ExpectedReaction] = field(default_factory=dict)  # (target, user)
+    edits: dict[str, ExpectedEdit] = field(default_factory=dict)  # by target
+    revokes: dict[str, ExpectedRevoke] = field(default_factory=dict)  # by target
+
+    def amendment_ids(self) -> set[str]:
+        """The ids of every reaction, edit and revoke message: none of them is a message."""
+        out = {i for r in self.reactions.values() for i in r.reactions}
+        out.update(i for e in self.edits.values() for i in e.edits)
+        out.update(r.revoke for r in self.revokes.values())
+        return out
 
 
 def final_status_of(statuses: Sequence[str]) -> str:
@@ -702,6 +916,12 @@ def _phone_number(rng: random.Random, country: str) -> str:
 
 def _person(rng: random.Random, used: set[str]) -> tuple[str, str]:
     """A (number, profile name) pair, number unique within ``used``."""
+    number, name, _country = _person_in(rng, used)
+    return number, name
+
+
+def _person_in(rng: random.Random, used: set[str]) -> tuple[str, str, str]:
+    """A (number, profile name, ISO country) triple, number unique within ``used``."""
     country, _code, _cur, givens, families = rng.choice(_COUNTRIES)
     while True:
         number = _phone_number(rng, country)
@@ -716,7 +936,7 @@ def _person(rng: random.Random, used: set[str]) -> tuple[str, str]:
         name = given
     else:
         name = f"{given} {rng.choice(('🌸', '✨', '⚽', '🙂'))}"
-    return number, name
+    return number, name, country
 
 
 class _Ids:
@@ -754,6 +974,21 @@ class _Ids:
     def numeric(self, n: int) -> str:
         return self._unique(lambda: _digits(self.rng, n))
 
+    def bsuid(self, country: str) -> str:
+        """A business-scoped user id: ISO country, a period, digits (``BR.1502576394655843``)."""
+        return self._unique(lambda: f"{country}.{_digits(self.rng, self.rng.randint(16, 19))}")
+
+    def username(self, name: str) -> str:
+        """A username like WhatsApp users pick: from their name, sometimes with digits."""
+        parts = [p for p in (_ascii(w) for w in name.split()) if p.isalnum()]
+        base = ".".join(parts) or "user"
+
+        def make() -> str:
+            suffix = _digits(self.rng, self.rng.randint(2, 4)) if self.rng.random() < 0.5 else ""
+            return f"@{base}{suffix}"
+
+        return self._unique(make)
+
 
 @dataclass(order=True)
 class _Item:
@@ -763,7 +998,55 @@ class _Item:
     seq: int
     family: str = field(compare=False)  # "wa_msg" | "wa_status" | "page" | "instagram" | "other"
     payload: dict[str, Any] = field(compare=False)
-    contact: tuple[str, str] | None = field(compare=False, default=None)
+    contact: dict[str, Any] | None = field(compare=False, default=None)  # its contacts[] element
+
+
+@dataclass
+class _WaUser:
+    """A WhatsApp user while the plan is built: who they are now, and what they may point at."""
+
+    key: str
+    kind: str
+    name: str
+    country: str
+    phone: str | None
+    user_id: str | None
+    username: str | None
+    phones: list[str] = field(default_factory=list)
+    user_ids: list[str] = field(default_factory=list)
+    clock: int = 0
+    referral_due: bool = False
+    # What later reactions, edits, revokes and replies may point at; since the last number change.
+    own: list[str] = field(default_factory=list)  # their inbound messages, not system ones
+    texts: dict[str, str] = field(default_factory=dict)  # their text messages -> current body
+    revoked: set[str] = field(default_factory=set)
+    last_out: str | None = None  # the latest business message that reached them
+
+    @property
+    def sender(self) -> str:
+        """The id their messages are filed under: the BSUID where there is one, else the phone."""
+        ident = self.user_id or self.phone
+        assert ident is not None
+        return ident
+
+    def card(self) -> dict[str, Any]:
+        return wa_contact(wa_id=self.phone, user_id=self.user_id, name=self.name, username=self.username)
+
+    def status_card(self, status: str) -> dict[str, Any] | None:
+        """The contacts[] element of a status about a message sent to them: since BSUIDs, sent,
+        delivered and read statuses carry one (the username on delivered and read); a failed
+        one carries none, and payloads from before BSUIDs none either."""
+        if self.user_id is None or status == "failed":
+            return None
+        card: dict[str, Any] = {}
+        if self.username is not None and status in ("delivered", "read"):
+            card["profile"] = {"username": self.username}
+        card["wa_id"] = self.phone
+        card["user_id"] = self.user_id
+        return card
+
+    def candidates(self) -> list[str]:
+        return [w for w in self.own if w not in self.revoked]
 
 
 def build_plan(
@@ -783,16 +1066,29 @@ def build_plan(
 ) -> SimulationPlan:
     """Build a deterministic stream of signed-ready webhook bodies and its expected outcome.
 
-    * ``contacts`` WhatsApp users (realistic names, E.164 numbers) each send
-      ``messages_per_contact`` inbound messages; types cycle over :data:`MESSAGE_TYPES`
-      across the whole plan, so 14+ inbound messages cover every type. A ``system``
-      (``customer_changed_number``) message switches that user to the new number.
-    * The business sends outbound messages (only their statuses appear). Each gets
-      ``sent``/``delivered``/``read`` (some stop at delivered, some skip delivered, some
-      fail), emitted in shuffled order in separate webhooks; status timestamps stay
-      chronological, as Meta stamps them.
+    * ``contacts`` WhatsApp users (realistic names, E.164 numbers) are known in turn as
+      :data:`USER_KINDS` says: by BSUID and phone (``contacts[].user_id`` and ``wa_id``,
+      ``from`` and ``from_user_id``), by BSUID and username with no phone anywhere (no
+      ``wa_id``, no ``from``), and by phone alone (payloads from before BSUIDs). Each sends
+      ``messages_per_contact`` inbound items whose kinds cycle over :data:`MESSAGE_TYPES` and
+      then an edit and a revoke, across the whole plan (16+ items cover every kind):
+      a ``reaction`` reacts to a business message or to one of the user's own (some are
+      changed or removed later, some of those delivered first), an ``edit`` gives one of the
+      user's earlier texts a new text (some twice), a ``revoke`` deletes one of their earlier
+      messages; where there is nothing to point at yet the user first sends a text. A
+      ``system`` message changes a user's number (a BSUID user gets a new BSUID with it); a
+      username user sends texts instead of it, and a text quoting their own message instead of
+      an interactive or button reply (no business message can reach them). Some texts quote an
+      earlier message (``context.id``) or are forwards; some users' first message comes from
+      a click-to-WhatsApp ad (``referral``).
+    * The business sends outbound messages (only their statuses appear) to users with a
+      phone. Each gets ``sent``/``delivered``/``read`` (some stop at delivered, some skip
+      delivered, some fail), emitted in shuffled order in separate webhooks; status timestamps
+      stay chronological, as Meta stamps them. Statuses to a user with a BSUID carry
+      ``recipient_user_id`` and a contacts[] element, but a failed one neither (Meta's shape for
+      a message sent to a phone number).
     * Interactive/button replies carry ``context`` pointing at a real earlier outbound
-      message; reactions point at one too.
+      message that reached the user.
     * Some envelopes batch up to ``batch_max`` items (several messages from different users
       in one change, several changes in one entry, several statuses in one change).
     * With ``page_id``, Messenger and Instagram users send messages too (Instagram account id
@@ -802,6 +1098,9 @@ def build_plan(
     * ``round(len * duplicate_rate)`` envelopes are re-sent later in the list.
     * ``start_ts`` (unix seconds) defaults to a fixed instant so a seed always gives the
       same plan; pass ``int(time.time())`` for "now".
+
+    The plan's ``expected`` holds every message, ``reactions``/``edits``/``revokes`` what the
+    others should leave on their targets, ``users`` how each WhatsApp user's contact ends.
     """
     if contacts < 0 or messages_per_contact < 0:
         raise ValueError("contacts and messages_per_contact must be >= 0")
@@ -817,16 +1116,27 @@ def build_plan(
     expected: dict[str, ExpectedMessage] = {}
     names: dict[str, str] = {}
     used_numbers: set[str] = set()
+    users: list[_WaUser] = []
+    outbound_ids: set[str] = set()
+    # (target, user) -> [(at, reaction id, emoji)]; target -> [(at, edit id, body)]
+    reaction_events: dict[tuple[str, str], list[tuple[int, str, str | None]]] = {}
+    edit_events: dict[str, list[tuple[int, str, str]]] = {}
+    revokes: dict[str, ExpectedRevoke] = {}
     seq = 0
 
-    def add(ts: float, family: str, payload: dict[str, Any], contact: tuple[str, str] | None = None) -> None:
+    def add(ts: float, family: str, payload: dict[str, Any], contact: dict[str, Any] | None = None) -> None:
         nonlocal seq
         items.append(_Item(ts, seq, family, payload, contact))
         seq += 1
 
-    def outbound(wa_id: str, sent_at: int, conv_start: int, *, template: bool) -> str:
-        wamid = ids.wamid(wa_id, inbound=False)
-        roll = rng.random()
+    def outbound(
+        user: _WaUser, sent_at: int, conv_start: int, *, template: bool, arrives: bool = False
+    ) -> tuple[str, bool]:
+        """A business message to ``user`` (known by its statuses); whether it reached them.
+        ``arrives``: one that does (a reply or a reaction will point at it)."""
+        assert user.phone is not None
+        wamid = ids.wamid(user.phone, inbound=False)
+        roll = rng.random() * (0.80 if arrives else 1.0)
         if roll < 0.55:
             path = ["sent", "delivered", "read"]
         elif roll < 0.70:
@@ -853,7 +1163,13 @@ def build_plan(
         code = rng.choice(_FAILED_CODES)
         statuses = []
         for ts, st in stamped:
-            s = wa_status(st, wamid=wamid, recipient_id=wa_id, timestamp=ts)
+            s = wa_status(
+                st,
+                wamid=wamid,
+                recipient_id=user.phone,
+                timestamp=ts,
+                recipient_user_id=None if st == "failed" else user.user_id,
+            )
             if "conversation" in s:
                 s["conversation"]["origin"]["type"] = category
                 if "expiration_timestamp" in s["conversation"]:
@@ -871,73 +1187,257 @@ def build_plan(
         if order == sorted(order) and len(order) > 1 and rng.random() < 0.7:
             order.reverse()
         for slot, idx in zip(slots, order, strict=True):
-            add(slot + rng.random() * 3, "wa_status", statuses[idx])
+            status = statuses[idx]
+            add(slot + rng.random() * 3, "wa_status", status, user.status_card(status["status"]))
         expected[wamid] = ExpectedMessage(
             key=wamid,
             channel="whatsapp",
             direction="outbound",
             type="text",
             final_status=final_status_of(path),
-            contact=wa_id,
+            contact=user.sender,
+            user=user.key,
         )
+        outbound_ids.add(wamid)
+        return wamid, path[-1] != "failed"
+
+    def inbound(user: _WaUser, msg: dict[str, Any], msg_type: str) -> str:
+        """Emit a message of ``user`` at their clock, and expect it."""
+        wamid = str(msg["id"])
+        if user.referral_due and msg_type != "system":
+            msg["referral"] = _referral(rng)
+            user.referral_due = False
+        add(user.clock, "wa_msg", msg, None if msg_type == "system" else user.card())
+        context = msg.get("context") or {}
+        forwarded = bool(context.get("forwarded") or context.get("frequently_forwarded"))
+        expected[wamid] = ExpectedMessage(
+            key=wamid,
+            channel="whatsapp",
+            direction="inbound",
+            type=msg_type,
+            final_status="received",
+            contact=user.sender,
+            user=user.key,
+            reply_to=None if forwarded else context.get("id"),
+            forwarded=forwarded,
+            referral="referral" in msg,
+        )
+        if msg_type != "system":
+            user.own.append(wamid)
+            if msg_type == "text":
+                user.texts[wamid] = msg["text"]["body"]
         return wamid
+
+    def quoting(user: _WaUser, quoted: str) -> dict[str, Any]:
+        """The ``context`` of a reply to ``quoted``: who sent it, and its id."""
+        if quoted in outbound_ids:
+            return {"from": display_phone_number, "id": quoted}
+        return {"from": user.phone, "id": quoted} if user.phone else {"id": quoted}
+
+    def message(user: _WaUser, msg_type: str) -> dict[str, Any]:
+        wamid = ids.wamid(user.sender, inbound=True)
+        return wa_message(
+            msg_type,
+            wamid=wamid,
+            from_=user.phone,
+            from_user_id=user.user_id,
+            timestamp=user.clock,
+            rng=rng,
+        )
+
+    def text(user: _WaUser, quote: str | None = None) -> str:
+        msg = message(user, "text")
+        if quote is not None and "context" not in msg:
+            msg["context"] = quoting(user, quote)
+        return inbound(user, msg, "text")
+
+    def emit_amendments(user: _WaUser, timed: list[tuple[int, dict[str, Any]]]) -> None:
+        """Emit ``user``'s reactions or edits at their times; a change sometimes goes first."""
+        slots = [at for at, _ in timed]
+        order = list(range(len(timed)))
+        if len(order) > 1 and rng.random() < 0.3:
+            order.reverse()
+        for slot, idx in zip(slots, order, strict=True):
+            add(slot + rng.random() * 2, "wa_msg", timed[idx][1], user.card())
+        user.clock = max(user.clock, *slots)
+
+    def react(user: _WaUser, target: str) -> None:
+        first = rng.choice(_EMOJIS)
+        events: list[tuple[int, str, str | None]] = [
+            (user.clock, ids.wamid(user.sender, inbound=True), first)
+        ]
+        if rng.random() < 0.4:  # changed, or removed (no emoji)
+            then = None if rng.random() < 0.5 else rng.choice([e for e in _EMOJIS if e != first])
+            events.append((user.clock + rng.randint(5, 600), ids.wamid(user.sender, inbound=True), then))
+        timed = [
+            (
+                at,
+                wa_reaction(
+                    wamid=rid,
+                    from_=user.phone,
+                    from_user_id=user.user_id,
+                    timestamp=at,
+                    target=target,
+                    emoji=emoji,
+                ),
+            )
+            for at, rid, emoji in events
+        ]
+        emit_amendments(user, timed)
+        reaction_events.setdefault((target, user.key), []).extend(events)
+
+    def edit(user: _WaUser, target: str) -> None:
+        events: list[tuple[int, str, str]] = []
+        at, body = user.clock, user.texts[target]
+        for n in range(2 if rng.random() < 0.3 else 1):
+            at += rng.randint(5, 300) if n else 0
+            body = rng.choice([t for t in _TEXTS if t != body])
+            events.append((at, ids.wamid(user.sender, inbound=True), body))
+        timed = [
+            (
+                at,
+                wa_edit(
+                    wamid=eid,
+                    from_=user.phone,
+                    from_user_id=user.user_id,
+                    timestamp=at,
+                    target=target,
+                    body=body,
+                ),
+            )
+            for at, eid, body in events
+        ]
+        emit_amendments(user, timed)
+        edit_events.setdefault(target, []).extend(events)
+        user.texts[target] = max(edit_events[target])[2]
+
+    def revoke(user: _WaUser, target: str) -> None:
+        rid = ids.wamid(user.sender, inbound=True)
+        payload = wa_revoke(
+            wamid=rid, from_=user.phone, from_user_id=user.user_id, timestamp=user.clock, target=target
+        )
+        add(user.clock, "wa_msg", payload, user.card())
+        revokes[target] = ExpectedRevoke(target=target, user=user.key, revoke=rid)
+        user.revoked.add(target)
+        user.texts.pop(target, None)
+
+    def change_number(user: _WaUser) -> None:
+        """A ``system`` message: the user's number changed (and, since BSUIDs, their BSUID)."""
+        assert user.phone is not None
+        msg = message(user, "system")
+        old_phone = user.phone
+        while True:
+            new_phone = old_phone[: len(old_phone) - 8] + _person(rng, used_numbers)[0][-8:]
+            if new_phone not in used_numbers and new_phone != old_phone:
+                break
+        used_numbers.add(new_phone)
+        if user.user_id is None:
+            msg["system"] = _system_body(old_phone, new_phone, user.name)
+        else:
+            new_user_id = ids.bsuid(user.country)
+            msg["system"] = {
+                "body": f"User {user.name} changed from {old_phone} to {new_phone}",
+                "wa_id": new_phone,
+                "user_id": new_user_id,
+                "previous_user_id": user.user_id,
+                "type": "user_changed_number",
+            }
+            user.user_id = new_user_id
+            user.user_ids.append(new_user_id)
+            names[new_user_id] = user.name
+        user.phone = new_phone
+        user.phones.append(new_phone)
+        names[new_phone] = user.name
+        # Filed under the new ids; what came before is not pointed at any more.
+        inbound(user, msg, "system")
+        user.own, user.texts, user.last_out = [], {}, None
 
     # ---- WhatsApp users
     global_index = 0
-    for _c in range(contacts):
-        wa_id, name = _person(rng, used_numbers)
-        names[wa_id] = name
-        clock = base_ts + rng.randint(0, 1800)
-        conv_start = clock
-        last_out: str | None = None
-        last_in: str | None = None
+    for c in range(contacts):
+        kind = USER_KINDS[c % len(USER_KINDS)]
+        phone, name, country = _person_in(rng, used_numbers)
+        user_id = ids.bsuid(country) if kind != "phone" else None
+        username = ids.username(name) if kind == "username" or (user_id and rng.random() < 0.3) else None
+        user = _WaUser(
+            key=user_id or phone,
+            kind=kind,
+            name=name,
+            country=country,
+            phone=None if kind == "username" else phone,
+            user_id=user_id,
+            username=username,
+        )
+        if user.phone is not None:
+            user.phones.append(user.phone)
+            names[user.phone] = name
+        if user_id is not None:
+            user.user_ids.append(user_id)
+            names[user_id] = name
+        users.append(user)
+        user.clock = base_ts + rng.randint(0, 1800)
+        user.referral_due = c == 0 or rng.random() < 0.25
+        conv_start = user.clock
         out_count = 0
         for m in range(messages_per_contact):
-            msg_type = MESSAGE_TYPES[global_index % len(MESSAGE_TYPES)]
+            slot = _PLAN_SLOTS[global_index % len(_PLAN_SLOTS)]
             global_index += 1
-            needs_ref = msg_type in ("interactive", "button", "reaction")
-            if needs_ref or (m > 0 and rng.random() < 0.35):
+            reachable = user.phone is not None  # the business can write to them
+            if slot in ("interactive", "button") and not reachable:
+                slot = "reply"
+            elif slot == "system" and not reachable:
+                slot = "text"
+            to_business = slot == "reaction" and reachable and rng.random() < 0.6
+            needs_out = slot in ("interactive", "button") or to_business
+            if needs_out or (m > 0 and reachable and rng.random() < 0.35):
                 # the business replies (or sends a template) before this message
-                sent_at = clock + rng.randint(3, 60)
-                last_out = outbound(wa_id, sent_at, conv_start, template=msg_type == "button")
-                out_count += 1
-                clock = sent_at + rng.randint(20, 300)
-            else:
-                clock += rng.randint(5, 240)
-            wamid = ids.wamid(wa_id, inbound=True)
-            msg = wa_message(msg_type, wamid=wamid, from_=wa_id, timestamp=clock, rng=rng)
-            if msg_type == "interactive":
-                msg["context"] = {"from": display_phone_number, "id": last_out}
-                msg["interactive"] = _interactive(
-                    rng,
-                    "button_reply" if (global_index // len(MESSAGE_TYPES)) % 2 == 0 else "list_reply",
+                sent_at = user.clock + rng.randint(3, 60)
+                out, arrived = outbound(
+                    user, sent_at, conv_start, template=slot == "button", arrives=needs_out
                 )
-            elif msg_type == "button":
-                msg["context"] = {"from": display_phone_number, "id": last_out}
-            elif msg_type == "reaction":
-                msg["reaction"]["message_id"] = last_out if last_out is not None else last_in
-            contact_pair: tuple[str, str] | None = (wa_id, name)
-            if msg_type == "system":
-                new_wa_id, _ = _person(rng, used_numbers)
-                new_wa_id = wa_id[: len(wa_id) - 8] + new_wa_id[-8:]
-                used_numbers.add(new_wa_id)
-                msg["system"] = _system_body(wa_id, new_wa_id, name)
-                contact_pair = None  # system notifications carry no contacts[]
-            add(clock, "wa_msg", msg, contact_pair)
-            expected[wamid] = ExpectedMessage(
-                key=wamid,
-                channel="whatsapp",
-                direction="inbound",
-                type=msg_type,
-                final_status="received",
-                contact=wa_id,
-            )
-            last_in = wamid
-            if msg_type == "system":
-                wa_id = msg["system"]["wa_id"]
-                names[wa_id] = name
-        if out_count == 0 and messages_per_contact > 0:
-            outbound(wa_id, clock + rng.randint(5, 120), conv_start, template=False)
+                if arrived:
+                    user.last_out = out
+                out_count += 1
+                user.clock = sent_at + rng.randint(20, 300)
+            else:
+                user.clock += rng.randint(5, 240)
+
+            if slot in ("reaction", "edit", "revoke"):
+                if slot == "reaction":
+                    own = user.candidates()
+                    target = user.last_out if to_business else (rng.choice(own) if own else None)
+                elif slot == "edit":
+                    target = next(reversed(user.texts), None)
+                else:
+                    target = next(reversed(user.candidates()), None)
+                if target is None:  # nothing to point at yet: a text first
+                    target = text(user)
+                    user.clock += rng.randint(5, 120)
+                {"reaction": react, "edit": edit, "revoke": revoke}[slot](user, target)
+            elif slot == "reply":
+                own = user.candidates()
+                text(user, quote=rng.choice(own) if own else None)
+            elif slot == "system":
+                change_number(user)
+            else:
+                msg = message(user, slot)
+                if slot == "interactive":
+                    msg["context"] = {"from": display_phone_number, "id": user.last_out}
+                    msg["interactive"] = _interactive(
+                        rng,
+                        "button_reply" if (global_index // len(_PLAN_SLOTS)) % 2 == 0 else "list_reply",
+                    )
+                elif slot == "button":
+                    msg["context"] = {"from": display_phone_number, "id": user.last_out}
+                elif slot == "text" and "context" not in msg and rng.random() < 0.2:
+                    own = user.candidates()
+                    quoted = user.last_out if user.last_out and rng.random() < 0.5 else None
+                    quoted = quoted or (rng.choice(own) if own else None)
+                    if quoted is not None:
+                        msg["context"] = quoting(user, quoted)
+                inbound(user, msg, slot)
+        if out_count == 0 and messages_per_contact > 0 and user.phone is not None:
+            outbound(user, user.clock + rng.randint(5, 120), conv_start, template=False)
 
     # ---- Messenger and Instagram users
     if page_id is not None:
@@ -1023,7 +1523,47 @@ def build_plan(
         for i in after.get(k, []):
             final.append(copy.deepcopy(webhooks[i]))
 
-    return SimulationPlan(webhooks=final, expected=expected, duplicates=n_dup, contacts=names)
+    reactions = {
+        key: ExpectedReaction(
+            target=key[0],
+            user=key[1],
+            emoji=max(events)[2],
+            reactions=tuple(rid for _, rid, _ in sorted(events)),
+        )
+        for key, events in reaction_events.items()
+    }
+    owner = {e.key: e.user for e in expected.values() if e.user is not None}
+    edits = {
+        target: ExpectedEdit(
+            target=target,
+            user=owner[target],
+            body=max(events)[2],
+            edits=tuple(eid for _, eid, _ in sorted(events)),
+        )
+        for target, events in edit_events.items()
+    }
+    return SimulationPlan(
+        webhooks=final,
+        expected=expected,
+        duplicates=n_dup,
+        contacts=names,
+        users={
+            u.key: ExpectedUser(
+                key=u.key,
+                kind=u.kind,
+                name=u.name,
+                phone=u.phone,
+                user_id=u.user_id,
+                username=u.username,
+                phones=tuple(u.phones),
+                user_ids=tuple(u.user_ids),
+            )
+            for u in users
+        },
+        reactions=reactions,
+        edits=edits,
+        revokes=revokes,
+    )
 
 
 def _batch(
@@ -1071,17 +1611,18 @@ def _batch(
                 else:
                     runs.append([g])
             for run in runs:
+                # One contacts[] element per user of the change (by BSUID, else phone).
+                cards: dict[str, dict[str, Any]] = {}
+                for g in run:
+                    if g.contact is not None:
+                        cards.setdefault(str(g.contact.get("user_id") or g.contact.get("wa_id")), g.contact)
                 if run[0].family == "wa_msg":
-                    pairs: list[tuple[str, str]] = []
-                    for g in run:
-                        if g.contact is not None and g.contact not in pairs:
-                            pairs.append(g.contact)
                     changes.append(
                         wa_change(
                             phone_number_id=phone_number_id,
                             display_phone_number=display_phone_number,
                             messages=[g.payload for g in run],
-                            contacts=pairs,
+                            contacts=list(cards.values()),
                         )
                     )
                 else:
@@ -1090,6 +1631,7 @@ def _batch(
                             phone_number_id=phone_number_id,
                             display_phone_number=display_phone_number,
                             statuses=[g.payload for g in run],
+                            contacts=list(cards.values()),
                         )
                     )
             out.append(wa_envelope(changes, waba_id=waba_id))

@@ -190,6 +190,40 @@ async def test_a_changed_number_system_message_links_the_new_id_even_after_the_n
     assert conversation["contact"]["user_id"] == new
 
 
+async def test_a_number_change_of_a_user_known_by_phone_alone_keeps_one_contact(desk: Desk) -> None:
+    """Before BSUIDs (or without one), a number change links the numbers: a record that still
+    names the old one afterwards (a redelivery, a late status) finds the same contact, and the
+    number stays the new one."""
+    old, new = "4917600000301", "4917600000302"
+    before = envelope(
+        contacts=[card(user_id=None, phone=old, name="Greta")],
+        messages=[text(user_id=None, phone=old, body="from the old number", at=NOW)],
+    )
+    await desk.post(before)
+    [conversation] = await desk.conversations(1)
+    system = {
+        "from": old,
+        "id": wamid(),
+        "timestamp": str(NOW + 10),
+        "type": "system",
+        "system": {
+            "body": f"User Greta changed from {old} to {new}",
+            "wa_id": new,
+            "type": "customer_changed_number",
+        },
+    }
+    await desk.post(envelope(messages=[system]))
+    await desk.post(envelope(messages=[text(user_id=None, phone=new, body="from the new one", at=NOW + 20)]))
+    await desk.messages_of(conversation["id"], 3)
+    await desk.post(before)
+    late = {"id": wamid(), "status": "delivered", "timestamp": str(NOW + 30), "recipient_id": old}
+    await desk.post(envelope(statuses=[late]))
+    await desk.messages_of(conversation["id"], 4)  # the late status's message, in this conversation
+    [conversation] = await desk.conversations(1)
+    assert conversation["contact"]["phone_number"] == new
+    assert conversation["unread_count"] == 3
+
+
 async def _outbound_for(services: ServiceUrls, conversation_id: int) -> list[OutboundMessage]:
     records = []
     # The topic is shared with the suite's other tests, some of which put garbage on it.

@@ -36,6 +36,7 @@ from api.ops.models import (
     ReplayOut,
     TenantOut,
     TenantsOut,
+    WhatsAppContactsOut,
     WorkerOut,
 )
 from api.ops.queries import MESSAGE_STATUS, REPLAY_EVENTS, REPLAY_EVENTS_OF, TENANTS
@@ -269,6 +270,9 @@ async def tenants(service: ApiService, db: Db, limit: int = 500) -> TenantsOut:
                 name=r["name"],
                 messages_total=r["total"],
                 messages_24h=r["last_24h"],
+                whatsapp_contacts=WhatsAppContactsOut(
+                    total=r["wa_total"], with_phone=r["wa_with_phone"], username_only=r["wa_username_only"]
+                ),
                 last_webhook_at=r["last_at"],
                 usual_gap_s=None if gap is None else round(gap, 1),
                 silent_s=None if silent_s is None else round(silent_s, 1),

@@ -132,11 +132,20 @@ class ReplayOut(BaseModel):
     replayed_by: str
 
 
+class WhatsAppContactsOut(BaseModel):
+    total: int = Field(description="The company's WhatsApp contacts (merged duplicates not counted).")
+    with_phone: int = Field(description="Known by phone number (with or without a business-scoped user id).")
+    username_only: int = Field(
+        description="Known by business-scoped user id and username alone: no phone number to reply to."
+    )
+
+
 class TenantOut(BaseModel):
     slug: str
     name: str
     messages_total: int
     messages_24h: int
+    whatsapp_contacts: WhatsAppContactsOut
     last_webhook_at: datetime | None
     usual_gap_s: float | None = Field(description="Mean gap between webhooks over the last 7 days.")
     silent_s: float | None = Field(description="Seconds since the last webhook.")

@@ -5,10 +5,19 @@ from __future__ import annotations
 from api.db import Query
 
 # The time of a webhook: an inbound message's arrival, or a delivery status of an outbound one.
+# A company's WhatsApp contacts by how they are known (migration 0014): with a phone number, or
+# by business-scoped user id and username alone (no phone to reply to); contacts merged into
+# another (one user known by two ids) are not counted.
 TENANTS = Query(
     "ops.tenants",
     """
-    WITH events AS (
+    WITH contacts_by_identity AS (
+        SELECT company_id,
+               count(*) AS total,
+               count(*) FILTER (WHERE phone_number IS NOT NULL) AS with_phone,
+               count(*) FILTER (WHERE phone_number IS NULL AND username IS NOT NULL) AS username_only
+          FROM contacts WHERE channel = 'whatsapp' AND deleted_at IS NULL GROUP BY company_id
+    ), events AS (
         SELECT company_id, created_at,
                CASE WHEN direction = 'inbound' THEN created_at ELSE status_at END AS webhook_at
           FROM messages
@@ -25,8 +34,11 @@ TENANTS = Query(
            coalesce(p.total, 0) AS total, coalesce(p.last_24h, 0) AS last_24h, p.last_at,
            CASE WHEN p.n_7d >= 3
                 THEN extract(epoch FROM (p.last_at - p.first_7d)) / (p.n_7d - 1) END AS usual_gap_s,
-           extract(epoch FROM (now() - p.last_at)) AS silent_s
+           extract(epoch FROM (now() - p.last_at)) AS silent_s,
+           coalesce(w.total, 0) AS wa_total, coalesce(w.with_phone, 0) AS wa_with_phone,
+           coalesce(w.username_only, 0) AS wa_username_only
       FROM companies c LEFT JOIN per_company p ON p.company_id = c.id
+      LEFT JOIN contacts_by_identity w ON w.company_id = c.id
      ORDER BY c.slug
      LIMIT $1
     """,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncpg
 import httpx
 
+from harness.meta_samples import messenger_envelope, messenger_message
 from tests.api.world import World, auth, login
-from tests.support import CortexxProcess, wait_until
+from tests.desk import NOW, bsuid, card, envelope, text, wamid
+from tests.support import CortexxProcess, post_signed, wait_until
 
 
 async def _make_operator(db: asyncpg.Connection, world: World) -> None:
@@ -117,3 +119,74 @@ async def test_a_replay_that_sends_needs_the_csrf_token(
     # A dry run previews without the token.
     dry = await client.post(url, json={"filter": {"tenant": "nobody"}}, headers=auth(cookie))
     assert dry.status_code == 200 and dry.json()["dry_run"] is True
+
+
+async def test_tenants_count_whatsapp_contacts_by_how_they_are_known(
+    client: httpx.AsyncClient, ops_api: CortexxProcess, ingest: CortexxProcess, db, world
+):
+    """Webhooks through ingest and the worker: users by BSUID and phone, by BSUID and username
+    alone, by phone alone (before BSUIDs), one named by a status's BSUID only, one on Messenger;
+    each company's figures count its own WhatsApp contacts by what they are known by."""
+    await _make_operator(db, world)
+    cookie = await login(client, ops_api, world.x.agent)
+    with_phone, ana, bea, status_only = bsuid(), bsuid(), bsuid(), bsuid()
+    for doc in (
+        envelope(
+            contacts=[
+                card(user_id=with_phone, phone="5511987650101", name="Pablo"),
+                card(user_id=ana, phone=None, name="Ana", username="@ana"),
+                card(user_id=bea, phone=None, name="Bea", username="@bea"),
+                {"profile": {"name": "Gert"}, "wa_id": "4917600000102"},
+            ],
+            messages=[
+                text(user_id=with_phone, phone="5511987650101", body="hi", at=NOW),
+                text(user_id=ana, phone=None, body="hola", at=NOW + 1),
+                text(user_id=bea, phone=None, body="oi", at=NOW + 2),
+                text(user_id=None, phone="4917600000102", body="hallo", at=NOW + 3),
+            ],
+        ),
+        # Ana writes again: still one contact, still without a phone.
+        envelope(
+            contacts=[card(user_id=ana, phone=None, name="Ana", username="@ana")],
+            messages=[text(user_id=ana, phone=None, body="again", at=NOW + 4)],
+        ),
+        envelope(
+            statuses=[
+                {"id": wamid(), "status": "read", "timestamp": str(NOW + 5), "recipient_user_id": status_only}
+            ]
+        ),
+        messenger_envelope(
+            [
+                messenger_message(
+                    mid=f"m_{wamid()}", sender_id="24242424242424", recipient_id="1", timestamp_ms=NOW * 1000
+                )
+            ],
+            page_id="1",
+        ),
+    ):
+        response = await post_signed(client, ingest.url, world.x.tenant, doc)
+        assert response.status_code == 200, response.text
+
+    # The company's six seeded contacts have a phone; the status's user has neither phone nor
+    # username (counted, in neither figure); the Messenger user is no WhatsApp contact.
+    figures = {"total": 11, "with_phone": 8, "username_only": 2}
+
+    async def counted():
+        r = await client.get(f"{ops_api.url}/api/v1/ops/tenants", headers=auth(cookie))
+        assert r.status_code == 200, r.text
+        items = {t["slug"]: t for t in r.json()["items"]}
+        mine = items[world.x.tenant.slug]["whatsapp_contacts"]
+        return items if mine == figures else None
+
+    items = await wait_until(counted, timeout_s=20, what="the company's WhatsApp contacts counted")
+    assert items[world.y.tenant.slug]["whatsapp_contacts"] == {
+        "total": 6,
+        "with_phone": 6,
+        "username_only": 0,
+    }
+    page = await client.get(f"{ops_api.url}/ops/tenants", headers=auth(cookie))
+    assert page.status_code == 200
+    row = page.text.split(f'data-slug="{world.x.tenant.slug}"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-whatsapp-contacts="11"' in row
+    assert "<span data-with-phone>8</span> with phone" in row
+    assert "<span data-username-only>2</span> username only" in row
