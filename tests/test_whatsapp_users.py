@@ -175,6 +175,9 @@ async def test_a_changed_number_system_message_links_the_new_id_even_after_the_n
     assert conversation["contact"]["phone_number"] == "4917600000202"
     assert conversation["contact"]["user_id"] == new
     assert conversation["unread_count"] == 3
+    # The agent's notifications lead to the one conversation, that of the new number's too.
+    notes = (await desk.get("/notifications"))["items"]
+    assert len(notes) == 3 and {n["conversation_id"] for n in notes} == {conversation["id"]}
 
     # Meta redelivers the record from before the change, and one sent before it arrives late:
     # both name the old BSUID and the old number, which is no longer the user's. The late one

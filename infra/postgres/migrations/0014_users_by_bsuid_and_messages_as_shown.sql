@@ -74,11 +74,12 @@ BEGIN
     IF gone_conversation IS NOT NULL AND keep_conversation IS NULL THEN
         UPDATE conversations SET contact_id = p_keep, updated_at = now() WHERE id = gone_conversation;
     ELSIF gone_conversation IS NOT NULL THEN
-        -- Notifications are found by (agent, message): the index they have.
-        UPDATE notifications n SET conversation_id = keep_conversation
-          FROM users u, messages m
-         WHERE u.company_id = company AND m.conversation_id = gone_conversation
-           AND n.user_id = u.id AND n.message_id = m.id;
+        -- Notifications are found by (agent, message), the index they have, from the arrays of
+        -- both: as a join the planner scanned notifications whole for each merge.
+        UPDATE notifications SET conversation_id = keep_conversation
+         WHERE user_id = ANY (ARRAY(SELECT u.id FROM users u WHERE u.company_id = company))
+           AND message_id = ANY (ARRAY(SELECT m.id FROM messages m
+                                        WHERE m.conversation_id = gone_conversation));
         UPDATE messages SET conversation_id = keep_conversation, updated_at = now()
          WHERE conversation_id = gone_conversation;
         -- An auto-reply already due in both keeps the kept conversation's.
