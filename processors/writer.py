@@ -84,7 +84,8 @@ SELECT contact_identity_changed(u.company_id, u.channel, u.old_user_id, u.new_us
 # phone number as now known, which may come from an earlier record than this batch's.
 # Known and unchanged, the common case, a contact is found by a plain join; the others go
 # through contact_for (migration 0014), whose EXCEPTION block costs a subtransaction per call
-# (BENCHMARKS.md, "Figures behind the code's choices"). The join finds what contact_for would.
+# (and past 64 in one transaction, every snapshot pays for them). The join finds what
+# contact_for would.
 CONTACTS = """
 WITH u AS MATERIALIZED (
     SELECT * FROM json_to_recordset($1::json)
@@ -107,13 +108,21 @@ WITH u AS MATERIALIZED (
        AND (u.name IS NULL OR c.name = u.name)
        AND (u.username IS NULL OR c.username = u.username)
        AND (u.parent_user_id IS NULL OR c.parent_user_id = u.parent_user_id)
+), held AS MATERIALIZED (
+    -- Held until the batch commits, so that another worker's merge cannot fold them away
+    -- meanwhile; one it folded since the join is left out, and found again below.
+    SELECT c.id FROM contacts c
+     WHERE c.id IN (SELECT k.id FROM known k) AND c.deleted_at IS NULL
+     ORDER BY c.id FOR SHARE
+), found AS MATERIALIZED (
+    SELECT k.n, k.id, k.phone_number FROM known k WHERE k.id IN (SELECT h.id FROM held h)
 )
-SELECT n, id, phone_number FROM known
+SELECT n, id, phone_number FROM found
 UNION ALL
 SELECT u.n, f.id, f.phone_number
   FROM u CROSS JOIN LATERAL contact_for(u.company_id, u.channel, u.phone, u.user_id, u.username,
                                         u.parent_user_id, u.name) AS f
- WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.n = u.n)
+ WHERE NOT EXISTS (SELECT 1 FROM found k WHERE k.n = u.n)
 """
 
 UPSERT_CONVERSATIONS = """

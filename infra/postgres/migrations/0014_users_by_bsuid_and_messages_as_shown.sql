@@ -38,6 +38,21 @@ CREATE TABLE contact_former_phones (
 );
 CREATE INDEX contact_former_phones_contact_idx ON contact_former_phones (contact_id);
 
+-- Two workers may hold records of one user under different ids (keys follow the ids, and an
+-- id change moves them): whoever makes, finds-and-changes or links a user's contact first holds
+-- its ids until its transaction ends, so the other finds what it made instead of making another.
+CREATE FUNCTION contact_ids_lock(p_company bigint, p_channel text, VARIADIC p_ids text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    one text;
+BEGIN
+    FOR one IN SELECT DISTINCT x FROM unnest(p_ids) AS x WHERE x IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_company || ':' || p_channel || ':' || one, 0));
+    END LOOP;
+END
+$$;
+
 -- Folds contact `p_gone` into `p_keep`: its ids, its conversation's messages and what hangs on
 -- them. Used when two contacts turn out to be one user (a message from a BSUID seen alone before
 -- names the phone of a contact known by phone alone; a user_id_update names two known ids).
@@ -51,6 +66,9 @@ BEGIN
     IF p_keep = p_gone THEN
         RETURN;
     END IF;
+    -- A writer that found either contact (and holds it FOR SHARE) finishes first; one that
+    -- looks after this waits, then finds the kept one.
+    PERFORM 1 FROM contacts WHERE id IN (p_keep, p_gone) ORDER BY id FOR UPDATE;
     -- Every lookup below names the company: each is then an index scan (BENCHMARKS.md,
     -- "Figures behind the code's choices": without, a merge scanned notifications whole).
     SELECT c.company_id INTO company FROM contacts c WHERE c.id = p_keep;
@@ -133,10 +151,12 @@ DECLARE
     holder bigint;
     holder_user_id text;
     phone text;
+    held bigint;
 BEGIN
     IF p_phone IS NULL AND p_user_id IS NULL THEN
         RAISE EXCEPTION 'a contact needs a phone number or a user id';
     END IF;
+    PERFORM contact_ids_lock(p_company, p_channel, 'u:' || p_user_id, 'p:' || p_phone);
     LOOP
         found := contact_known(p_company, p_channel, p_user_id, NULL);
         holder := NULL;
@@ -200,8 +220,15 @@ BEGIN
                 VALUES (p_company, p_channel, p_user_id, found)
                 ON CONFLICT DO NOTHING;
             END IF;
+            -- Held until the batch commits, so that a merge cannot fold it away meanwhile; one
+            -- that did since the lookup leaves it deleted: look again.
+            held := NULL;
+            SELECT c.id, c.phone_number INTO held, phone_number FROM contacts c
+             WHERE c.id = found AND c.deleted_at IS NULL FOR SHARE;
+            IF held IS NULL THEN
+                CONTINUE;
+            END IF;
             id := found;
-            SELECT c.phone_number INTO phone_number FROM contacts c WHERE c.id = found;
             RETURN;
         EXCEPTION WHEN unique_violation THEN
             -- Another writer made the contact, or took the phone, since the lookup: look again.
@@ -254,6 +281,8 @@ DECLARE
     new_contact bigint;
     current_user_id text;
 BEGIN
+    PERFORM contact_ids_lock(p_company, p_channel, 'u:' || p_old_user_id, 'u:' || p_new_user_id,
+                             'p:' || p_old_phone, 'p:' || p_new_phone);
     old_contact := contact_known(p_company, p_channel, p_old_user_id, p_old_phone);
     new_contact := contact_known(p_company, p_channel, p_new_user_id,
                                  CASE WHEN p_new_user_id IS NULL THEN p_new_phone END);
