@@ -212,16 +212,6 @@ def whatsapp_party(
     )
 
 
-def profile_names(value: dict[str, Any]) -> dict[str, str | None]:
-    """A WhatsApp change's contacts: wa_id (or BSUID, where no wa_id) -> profile name (None where
-    not given, or where the "name" is not a string)."""
-    names: dict[str, str | None] = {}
-    for c in _contact_cards(value):
-        name = (c.get("profile") or {}).get("name")
-        names[str(c.get("wa_id") or c.get("user_id"))] = name if isinstance(name, str) else None
-    return names
-
-
 class MessagingMessage(NamedTuple):
     """A Messenger / Instagram message event (a NamedTuple: one is made per record, and a frozen
     dataclass costs ten times as much to build)."""

@@ -173,9 +173,7 @@ BEGIN
                AND c.deleted_at IS NULL;
         END IF;
         IF found IS NULL AND holder IS NULL AND p_user_id IS NULL THEN
-            SELECT f.contact_id INTO found FROM contact_former_phones f
-              JOIN contacts c ON c.id = f.contact_id AND c.deleted_at IS NULL
-             WHERE f.company_id = p_company AND f.channel = p_channel AND f.phone_number = p_phone;
+            found := contact_known(p_company, p_channel, NULL, p_phone);  -- by a number it had
             IF found IS NOT NULL THEN
                 phone := NULL;  -- a number the user had: theirs no longer
             END IF;
