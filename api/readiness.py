@@ -28,6 +28,8 @@ from api.queries import BREAKERS, PING
 from infra.kafka.offsets import BrokerOffsets, OffsetsError
 from infra.kafka.topics import (
     ALL_TOPICS,
+    META_MEDIA,
+    META_MEDIA_DLQ,
     META_WEBHOOKS,
     META_WEBHOOKS_DLQ,
     WUZAPI_OUTBOUND,
@@ -41,8 +43,8 @@ log = get_logger("api.ready")
 
 T = TypeVar("T")
 
-SOURCE_TOPICS = (META_WEBHOOKS, WUZAPI_OUTBOUND)
-DEAD_LETTER_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
+SOURCE_TOPICS = (META_WEBHOOKS, WUZAPI_OUTBOUND, META_MEDIA)
+DEAD_LETTER_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ, META_MEDIA_DLQ)
 BROKER_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OffsetsError, OSError, TimeoutError)
 
 

@@ -17,7 +17,8 @@ import orjson
 
 OUTBOUND_VERSION = 1
 
-OutboundKind = Literal["text", "image", "document", "markread"]
+OutboundKind = Literal["text", "image", "audio", "video", "document", "markread"]
+MEDIA_KINDS = ("image", "audio", "video", "document")
 Origin = Literal["agent", "auto_reply", "read_receipt", "replay"]
 
 
@@ -44,6 +45,10 @@ class OutboundMessage:
     media_url: str | None = None
     caption: str | None = None
     filename: str | None = None
+    # An attachment: its object in the media store (infra/storage) and its type. The sender
+    # streams it to WUZAPI as the base64 data URL the gateway's media endpoints take.
+    media_key: str | None = None
+    mime_type: str | None = None
     # markread: the inbound message ids to mark read, and who sent them.
     read_ids: tuple[str, ...] = ()
     user_id: int | None = None

@@ -19,13 +19,13 @@ from aiokafka.errors import KafkaError
 from infra.kafka import offsets
 from infra.kafka.offsets import OffsetsError, PartitionReset
 from infra.kafka.producer import DurableProducer
-from infra.kafka.topics import META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
+from infra.kafka.topics import META_MEDIA_DLQ, META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ
 from infra.runtime.logging import get_logger
 from schemas.deadletter import DeadLetter, replay_headers
 
 log = get_logger("infra.kafka.replay")
 
-DLQ_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ)
+DLQ_TOPICS = (META_WEBHOOKS_DLQ, WUZAPI_OUTBOUND_DLQ, META_MEDIA_DLQ)
 
 REPLAYED = """
 SELECT dlq_id FROM dlq_replays WHERE dlq_id = ANY($1::text[])

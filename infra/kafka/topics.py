@@ -24,6 +24,8 @@ META_WEBHOOKS = "meta.webhooks"
 META_WEBHOOKS_DLQ = "meta.webhooks.dlq"
 WUZAPI_OUTBOUND = "wuzapi.outbound"
 WUZAPI_OUTBOUND_DLQ = "wuzapi.outbound.dlq"
+META_MEDIA = "meta.media"
+META_MEDIA_DLQ = "meta.media.dlq"
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -54,6 +56,9 @@ TOPICS = (
     TopicSpec(META_WEBHOOKS_DLQ, 30 * DAY_MS, "a month for an operator to look and replay"),
     TopicSpec(WUZAPI_OUTBOUND, 7 * DAY_MS, "replies wait here through a WUZAPI outage"),
     TopicSpec(WUZAPI_OUTBOUND_DLQ, 30 * DAY_MS, "a month for an operator to look and replay"),
+    # A media id lives about 7 days at Meta: a fetch job older than that can only fail.
+    TopicSpec(META_MEDIA, 7 * DAY_MS, "a fetch waits here through a Graph API outage"),
+    TopicSpec(META_MEDIA_DLQ, 30 * DAY_MS, "a month for an operator to look and replay"),
 )
 ALL_TOPICS = tuple(spec.name for spec in TOPICS)
 

@@ -143,6 +143,38 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "127.0.0.1"
     wuzapi_sim_port: int = 8090
 
+    # Media (processors/media.py, infra/storage/). Inbound media is fetched from Meta's Graph API
+    # with the company's access token (`companies.meta_access_token`, else this one) and stored;
+    # no URL: `cortexx up` starts the Graph API simulator (production: Meta's own).
+    graph_api_url: str | None = None
+    graph_api_version: str = "v23.0"
+    meta_access_token: SecretStr | None = None
+    graph_sim_port: int = 8091
+    # Where media is kept: file:///path or s3://bucket/prefix. None: data_dir/media (development).
+    media_store_url: str | None = None
+    media_s3_endpoint: str | None = None  # an S3-compatible server's URL; None: AWS itself
+    media_s3_region: str = "us-east-1"
+    media_s3_access_key_id: str | None = None
+    media_s3_secret_access_key: SecretStr | None = None
+    media_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)  # WhatsApp's largest document
+    media_fetch_concurrency: int = Field(default=8, ge=1)  # downloads at once, per worker
+    media_max_in_flight: int = Field(default=1000, ge=1)  # fetch jobs taken, waiting or running
+    media_connect_timeout_s: float = Field(default=3.0, gt=0)
+    media_lookup_timeout_s: float = Field(default=10.0, gt=0)  # the Graph API's URL lookup
+    media_read_timeout_s: float = Field(default=15.0, gt=0)  # a download's wait for its next bytes
+    media_download_max_s: float = Field(default=600.0, gt=0)  # a whole download, however it drips
+    # Attempts on failures of one media (an expired URL, a wrong hash); an outage spends none.
+    media_max_attempts: int = Field(default=6, ge=1)
+    media_backoff_initial_s: float = Field(default=0.5, gt=0)
+    media_backoff_max_s: float = Field(default=30.0, gt=0)
+    media_breaker_fail_max: int = Field(default=5, ge=1)
+    media_breaker_reset_s: float = Field(default=10.0, gt=0)
+    # Stored media older than this is deleted (the message says so); 0 keeps it for ever.
+    media_retention_days: float = Field(default=365.0, ge=0)
+    media_prune_interval_s: float = Field(default=3600.0, gt=0)  # each worker, jittered by ±50%
+    # A file an agent attaches to a reply (413 over it); WhatsApp takes up to 16 MB of video.
+    attachment_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
     # Operators' console. None: the local process on its configured port.
     ingest_metrics_url: str | None = None
     worker_metrics_url: str | None = None
@@ -159,6 +191,8 @@ class Settings(BaseSettings):
                     ("CORTEXX_KAFKA_BOOTSTRAP", self.kafka_bootstrap),
                     ("CORTEXX_SESSION_SECRET", self.session_secret),
                     ("CORTEXX_WUZAPI_URL", self.wuzapi_url),
+                    # A container's disk is no place to keep customers' files.
+                    ("CORTEXX_MEDIA_STORE_URL", self.media_store_url),
                 )
                 if not value
             ]
@@ -177,6 +211,21 @@ class Settings(BaseSettings):
     @property
     def uses_embedded(self) -> bool:
         return self.env != "production"
+
+    @property
+    def graph_api(self) -> str:
+        """The Graph API's base URL: the configured one, else Meta's own (production) or the
+        simulator `cortexx up` starts."""
+        if self.graph_api_url:
+            return self.graph_api_url.rstrip("/")
+        if self.env == "production":
+            return "https://graph.facebook.com"
+        return f"http://127.0.0.1:{self.graph_sim_port}"
+
+    @property
+    def media_store(self) -> str:
+        """Where media is kept, as a URL (file:// or s3://)."""
+        return self.media_store_url or (self.data_dir / "media").resolve().as_uri()
 
     @property
     def ingest_metrics(self) -> str:
