@@ -8,6 +8,7 @@ is logged once, here.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from api.errors import ApiError, error_response
 from api.metrics import REQUEST_SECONDS, REQUESTS
 from api.models import ErrorOut
 from api.ops import routes as ops
-from api.routes import conversations, health, notifications, sessions
+from api.routes import conversations, health, media, notifications, sessions
 from api.service import ApiService
 from infra.runtime.logging import get_logger
 from infra.runtime.settings import Settings
@@ -39,6 +40,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
+    416: "range_not_satisfiable",
     415: "unsupported_media_type",
 }
 
@@ -107,20 +109,29 @@ class RequestContext:
                 count(500)  # crashed before answering: the server-error handler answers 500
 
 
+# Reply attachments: the file, plus room for the multipart framing and the form's fields.
+ATTACHMENT_PATH = re.compile(r"^/api/v1/conversations/[^/]+/attachments$")
+MULTIPART_SLACK = 64 * 1024
+
+
 class BodyLimit:
     """Refuses a request body over `limit` bytes with 413 `body_too_large`: at once when its
     Content-Length says so, else as soon as the chunks read pass it (raised from `receive`, so the
-    route stops reading and the HTTP error handler answers). No body is read to its end first."""
+    route stops reading and the HTTP error handler answers). No body is read to its end first.
+    A reply's attachment may be larger (`attachment_limit`)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, attachment_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.attachment_limit = attachment_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.limit
+        if self.attachment_limit is not None and ATTACHMENT_PATH.match(scope.get("path", "")):
+            limit = self.attachment_limit + MULTIPART_SLACK
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > limit:
@@ -201,7 +212,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.service = service
     # Added first, so it runs inside RequestContext: a 413 carries the request id and is counted.
-    app.add_middleware(BodyLimit, limit=settings.api_body_limit_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.api_body_limit_bytes, attachment_limit=settings.attachment_max_bytes
+    )
     app.add_middleware(RequestContext)
 
     @app.exception_handler(ApiError)
@@ -230,6 +243,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(conversations.router)
+    app.include_router(media.router)
     app.include_router(notifications.router)
     app.include_router(ops.api)
     app.include_router(ops.pages)

@@ -112,6 +112,21 @@ class ReactionOut(BaseModel):
     at: datetime
 
 
+class MediaOut(BaseModel):
+    id: str = Field(description="The file's id: `url` serves it.")
+    type: str = Field(description="image, audio, voice, video, document, sticker, file.")
+    mime_type: str | None
+    size: int | None = Field(description="Bytes, once stored.")
+    file_name: str | None
+    caption: str | None
+    state: Literal["pending", "stored", "failed", "expired"] = Field(
+        description="pending: being fetched (`reason` says what the last attempt met); stored; "
+        "failed: it cannot be fetched (`reason` says why); expired: deleted after the retention period."
+    )
+    reason: str | None
+    url: str | None = Field(description="Where the bytes are served (Range supported), once stored.")
+
+
 class MessageOut(BaseModel):
     id: int
     conversation_id: int
@@ -136,6 +151,7 @@ class MessageOut(BaseModel):
     )
     reply_to: QuotedOut | None = Field(description="The message it replies to.")
     reactions: list[ReactionOut]
+    media: list[MediaOut] = Field(description="The files it carries (photos, voice notes, documents).")
 
 
 class MessagePage(BaseModel):

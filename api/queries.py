@@ -169,7 +169,8 @@ m.deleted_at IS NOT NULL AS deleted, m.forwarded, m.referral,
 CASE WHEN m.reply_to IS NOT NULL THEN json_build_object(
     'external_id', m.reply_to, 'id', q.id, 'direction', q.direction, 'type', q.type,
     'body', CASE WHEN q.deleted_at IS NULL THEN q.body END) END AS reply_to,
-COALESCE(r.reactions, '[]'::json) AS reactions
+COALESCE(r.reactions, '[]'::json) AS reactions,
+COALESCE(md.media, '[]'::json) AS media
 """
 MESSAGE_JOINS = """
 LEFT JOIN messages q ON q.company_id = m.company_id AND q.external_id = m.reply_to
@@ -182,6 +183,16 @@ LEFT JOIN LATERAL (
      WHERE x.company_id = m.company_id AND x.message_external_id = m.external_id
        AND x.emoji IS NOT NULL
 ) r ON true
+LEFT JOIN LATERAL (
+    SELECT json_agg(json_build_object(
+               'id', f.id, 'type', f.kind, 'mime_type', f.mime_type, 'size', f.size_bytes,
+               'file_name', f.file_name, 'caption', f.caption, 'state', f.state,
+               'reason', f.reason,
+               'url', CASE WHEN f.state = 'stored' THEN '/api/v1/media/' || f.id END)
+               ORDER BY f.position) AS media
+      FROM media f
+     WHERE f.company_id = m.company_id AND f.message_external_id = m.external_id
+) md ON true
 """
 
 # Messages of one conversation: append-only, so the keyset is stable by nature. The statement
@@ -231,7 +242,43 @@ SELECT c.company_id, c.id, $3, 'outbound', 'text', $4, $5, 'pending', 0, now()
 ON CONFLICT (company_id, external_id) DO NOTHING
 RETURNING id, conversation_id, external_id, direction, type, body, status, status_at, error,
           sent_at, created_at, edited_at, false AS deleted, forwarded, referral,
-          NULL::json AS reply_to, '[]'::json AS reactions
+          NULL::json AS reply_to, '[]'::json AS reactions, '[]'::json AS media
+""",
+)
+
+# A reply carrying a file: its message (typed by the file) and its media row, stored already.
+ATTACHMENT_INSERT = CompanyQuery(
+    "reply.attachment_insert",
+    """
+INSERT INTO messages (company_id, conversation_id, external_id, direction, type, body, content,
+                      status, status_rank, sent_at)
+SELECT c.company_id, c.id, $3, 'outbound', $4, $5, $6, 'pending', 0, now()
+  FROM conversations c
+ WHERE c.company_id = $1 AND c.id = $2
+ON CONFLICT (company_id, external_id) DO NOTHING
+RETURNING id, sent_at
+""",
+)
+
+ATTACHMENT_MEDIA_INSERT = CompanyQuery(
+    "reply.attachment_media_insert",
+    """
+INSERT INTO media (id, company_id, message_external_id, direction, source, kind, mime_type,
+                   file_name, caption, size_bytes, sha256, state, storage_key, stored_at)
+SELECT $2, m.company_id, m.external_id, 'outbound', 'upload', $4, $5, $6, $7, $8, $9, 'stored',
+       $10, now()
+  FROM messages m
+ WHERE m.company_id = $1 AND m.external_id = $3
+""",
+)
+
+# A media file to serve: the session's company's only (anyone else's is a 404 like an absent one).
+MEDIA_FOR_SERVING = CompanyQuery(
+    "media.get",
+    """
+SELECT id, kind, mime_type, file_name, size_bytes, sha256, state, reason, storage_key
+  FROM media
+ WHERE company_id = $1 AND id = $2
 """,
 )
 

@@ -20,6 +20,7 @@ from infra.kafka.topics import declare_in_background
 from infra.postgres.db import create_pool
 from infra.runtime.logging import get_logger
 from infra.runtime.settings import Settings
+from infra.storage import MediaStore
 
 log = get_logger("api")
 
@@ -51,6 +52,8 @@ class ApiService:
             linger_ms=settings.producer_linger_ms,
             request_timeout_ms=int(settings.produce_timeout_s * 1000),
         )
+        # Media files: served from here, and reply attachments stored here (infra/storage).
+        self.media_store = MediaStore.from_settings(settings)
         self.readiness = Readiness(settings, self._get_pool)
         self.ops = OpsConsole(settings, secret, lambda: self.readiness.snapshot)
         self._tasks: list[asyncio.Task[None]] = []

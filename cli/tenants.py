@@ -17,6 +17,11 @@ def tenants_add(
     app_secret: str = typer.Option(..., help="The Meta app secret that signs its webhooks."),
     verify_token: str = typer.Option(..., help="The token Meta's verification handshake sends."),
     name: str = typer.Option("", help="Display name (defaults to the slug)."),
+    meta_access_token: str | None = typer.Option(
+        None,
+        envvar="CORTEXX_TENANT_META_ACCESS_TOKEN",
+        help="The Graph API token its media is fetched with (kept as it is when left out).",
+    ),
 ) -> None:
     """Register a company, or update its secrets when it exists."""
     from cli.services import database
@@ -31,7 +36,12 @@ def tenants_add(
         conn = await connect(url)
         try:
             tenant, created = await upsert_tenant(
-                conn, slug=slug, app_secret=app_secret, verify_token=verify_token, name=name
+                conn,
+                slug=slug,
+                app_secret=app_secret,
+                verify_token=verify_token,
+                name=name,
+                meta_access_token=meta_access_token,
             )
         finally:
             await conn.close()

@@ -1,9 +1,10 @@
 """The Faust app of the stream worker: its wiring.
 
-Two agents, each a class with `start`, `run` and `stop` (`processors.agents`): `webhooks`
+Three agents, each a class with `start`, `run` and `stop` (`processors.agents`): `webhooks`
 writes `meta.webhooks` batches into Postgres and acknowledges a batch only after its commit;
 `outbound` sends `wuzapi.outbound` records through WUZAPI, one lane per tenant, and acknowledges
-each once sent or dead-lettered. They share one Kafka producer (`SharedProducer`), made here and
+each once sent or dead-lettered; `media` fetches the files of inbound messages (`meta.media`)
+from Meta into the media store. They share one Kafka producer (`SharedProducer`), made here and
 closed when the last of them stops.
 """
 
@@ -15,11 +16,12 @@ import faust
 from prometheus_client import start_http_server
 
 from infra.kafka.producer import DurableProducer
-from infra.kafka.topics import META_WEBHOOKS, WUZAPI_OUTBOUND, declare_topics
+from infra.kafka.topics import META_MEDIA, META_WEBHOOKS, WUZAPI_OUTBOUND, declare_topics
 from infra.runtime.heap import tune_gc
 from infra.runtime.lifecycle import lifecycle
 from infra.runtime.logging import get_logger
 from infra.runtime.settings import Settings
+from processors.agents.media import MediaAgent
 from processors.agents.outbound import OutboundAgent
 from processors.agents.webhooks import WebhooksAgent
 from processors.faust_stream import WorkerStream
@@ -40,9 +42,11 @@ def create_app(settings: Settings) -> faust.App:
     app = _worker_app(settings)
     webhooks_topic = app.topic(META_WEBHOOKS, value_serializer="raw", key_serializer="raw")
     outbound_topic = app.topic(WUZAPI_OUTBOUND, value_serializer="raw", key_serializer="raw")
+    media_topic = app.topic(META_MEDIA, value_serializer="raw", key_serializer="raw")
     producer = SharedProducer(DurableProducer(settings.kafka_bootstrap))
     webhooks_agent = WebhooksAgent(settings, producer)
     outbound_agent = OutboundAgent(settings, producer)
+    media_agent = MediaAgent(settings, producer)
     app.on_partitions_assigned.connect(_log_assigned)  # type: ignore[arg-type]
 
     @app.task  # type: ignore[untyped-decorator]
@@ -56,6 +60,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(outbound_topic, name="outbound")
     async def outbound(stream: faust.StreamT[Any]) -> None:
         await _serve(outbound_agent, stream)
+
+    @app.agent(media_topic, name="media")
+    async def media(stream: faust.StreamT[Any]) -> None:
+        await _serve(media_agent, stream)
 
     return app
 

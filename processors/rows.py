@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, TypedDict
 import orjson
 
 from processors.autoreply import Company, auto_replies_due
+from schemas.media import MESSAGING_MEDIA_KINDS, WHATSAPP_MEDIA_KINDS, MediaSource, sha256_hex
 from schemas.meta import WHATSAPP_OBJECT
 from schemas.previews import clip
 from schemas.records import WebhookRecord
@@ -212,6 +213,60 @@ def whatsapp_party(
     )
 
 
+class MediaPart(NamedTuple):
+    """A file a message carries, to be fetched by the media agent: a WhatsApp media id, or a
+    Messenger / Instagram attachment's URL (one message may carry several: `position`)."""
+
+    position: int
+    source: MediaSource
+    ref: str
+    kind: str  # image, audio, voice, video, document, sticker (WhatsApp); image, audio, video, file
+    mime_type: str | None = None
+    sha256: str | None = None  # hex
+    file_name: str | None = None
+    caption: str | None = None
+
+
+def whatsapp_media(message: dict[str, Any]) -> tuple[MediaPart, ...]:
+    """The media of a WhatsApp message: its type's part names a media id (`image.id`, ...)."""
+    kind = message.get("type")
+    part = message.get(kind) if isinstance(kind, str) and kind in WHATSAPP_MEDIA_KINDS else None
+    if not isinstance(part, dict):
+        return ()
+    ref = _text(part.get("id"))
+    if ref is None:
+        return ()
+    assert isinstance(kind, str)
+    return (
+        MediaPart(
+            0,
+            "whatsapp",
+            ref,
+            "voice" if kind == "audio" and part.get("voice") is True else kind,
+            _text(part.get("mime_type")),
+            sha256_hex(part.get("sha256")),
+            _text(part.get("filename")),
+            _text(part.get("caption")),
+        ),
+    )
+
+
+def messaging_media(source: MediaSource, message: dict[str, Any]) -> tuple[MediaPart, ...]:
+    """The downloadable attachments of a Messenger / Instagram message (each has a URL of its
+    own); templates, shares, stickers by id and the like are not files."""
+    out: list[MediaPart] = []
+    for position, attachment in enumerate(message.get("attachments") or ()):
+        if not isinstance(attachment, dict) or attachment.get("type") not in MESSAGING_MEDIA_KINDS:
+            continue
+        payload = attachment.get("payload")
+        url = _text(payload.get("url")) if isinstance(payload, dict) else None
+        if url is None or not url.startswith(("https://", "http://")):
+            continue
+        title = _text(payload.get("title")) if isinstance(payload, dict) else None
+        out.append(MediaPart(position, source, url, str(attachment["type"]), file_name=title))
+    return tuple(out)
+
+
 class MessagingMessage(NamedTuple):
     """A Messenger / Instagram message event (a NamedTuple: one is made per record, and a frozen
     dataclass costs ten times as much to build)."""
@@ -269,6 +324,7 @@ class Message:
     forwarded: bool = False
     referral: dict[str, Any] | None = None  # a click-to-WhatsApp ad's
     error: Any = None  # what Meta says it could not deliver of it
+    media: tuple[MediaPart, ...] = ()  # what the media agent fetches (inbound messages only)
 
     @property
     def contact(self) -> ContactKey:
@@ -566,6 +622,7 @@ def _whatsapp_message(rows: RowSet, company: Company, party: Party, message: dic
             forwarded=forwarded,
             referral=referral if isinstance(referral, dict) else None,
             error=message.get("errors") or None,
+            media=whatsapp_media(message),
         )
     )
 
@@ -652,6 +709,9 @@ def _messaging(rows: RowSet, company: Company, record: WebhookRecord) -> None:
                 epoch(event.get("timestamp")),
                 f"New message from {message.user}",
                 reply_to=_text(reply.get("mid")) if isinstance(reply, dict) else None,
+                media=messaging_media("instagram" if channel == "instagram" else "messenger", raw)
+                if message.direction == "inbound" and isinstance(raw, dict)
+                else (),
             )
         )
         return
@@ -899,6 +959,40 @@ def message_rows(unique: Iterable[Message], conversations: Mapping[ContactKey, i
             "error": m.error,
         }
         for m in unique
+    ]
+
+
+class MediaRow(TypedDict):
+    company_id: int
+    message_external_id: str
+    position: int
+    source: str
+    source_ref: str
+    kind: str
+    mime_type: str | None
+    file_name: str | None
+    caption: str | None
+    expected_sha256: str | None
+
+
+def media_rows(unique: Iterable[Message]) -> list[MediaRow]:
+    """A pending media row per file the batch's messages carry (kept once: a redelivery finds
+    its rows and fetches what is still pending)."""
+    return [
+        {
+            "company_id": m.company.id,
+            "message_external_id": m.external_id,
+            "position": part.position,
+            "source": part.source,
+            "source_ref": part.ref,
+            "kind": part.kind,
+            "mime_type": part.mime_type,
+            "file_name": part.file_name,
+            "caption": part.caption,
+            "expected_sha256": part.sha256,
+        }
+        for m in unique
+        for part in m.media
     ]
 
 

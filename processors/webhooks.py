@@ -26,6 +26,7 @@ from processors.autoreply import Company, CompanyCache
 from processors.rows import PoisonRecord, to_rows
 from processors.writer import BatchStats, RowWriter, load_companies
 from schemas.deadletter import DeadLetter
+from schemas.media import MediaJob
 from schemas.outbound import OutboundMessage
 from schemas.records import RecordError, WebhookRecord
 
@@ -76,8 +77,10 @@ class WebhookWriter:
         *,
         retry_max_s: float = 5.0,
         company_cache_ttl_s: float = 30.0,
+        send_media: Callable[[list[MediaJob]], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
+        self.send_media = send_media
         self.dead_letter = dead_letter
         self.retry_max_s = retry_max_s
         self.send_outbound = send_outbound
@@ -108,6 +111,10 @@ class WebhookWriter:
         # under the same id.
         if writer.outbound:
             await self.send_outbound(writer.outbound)
+        # Fetch jobs likewise: a crash before they are on the topic redelivers the batch, which
+        # finds their rows still pending and queues them again.
+        if writer.media and self.send_media is not None:
+            await self.send_media(writer.media)
         return writer.stats
 
     def _log_retry(self, state: object) -> None:

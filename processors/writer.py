@@ -21,7 +21,9 @@ for an empty set:
 13. Messenger / Instagram delivery receipts and 14. read watermarks;
 15. kept events (`webhook_events`);
 16. identity changes, after the rest: a user's new BSUID or number names the contact the old one
-   did, and a contact made meanwhile under the new one (in this batch or before) is merged in.
+   did, and a contact made meanwhile under the new one (in this batch or before) is merged in;
+17. for batches whose messages carry files: their media rows, pending, returning those still
+   pending (new, or a redelivery's whose fetch has not finished), for the media agent.
 
 Every write is idempotent through a unique constraint, and a status or receipt moves only a
 message the business sent (direction 'outbound'), and only up its rank. Reactions, edits and
@@ -56,12 +58,14 @@ from processors.rows import (
     delivered_rows,
     event_rows,
     id_change_rows,
+    media_rows,
     message_rows,
     reaction_rows,
     read_rows,
     replies_due,
     status_rows,
 )
+from schemas.media import MediaJob
 from schemas.outbound import OutboundMessage
 from schemas.previews import PREVIEW_MAX
 from schemas.records import WebhookRecord
@@ -327,6 +331,31 @@ UPDATE messages m
  WHERE m.id = r.id
 """
 
+# The new rows, and (in the statement's snapshot, which does not see the new ones) those of a
+# redelivered message that are still pending: a crash between the commit and the produce of the
+# fetch jobs left them so, and the redelivery queues them again.
+INSERT_MEDIA = """
+WITH u AS MATERIALIZED (
+    SELECT * FROM json_to_recordset($1::json)
+           AS u(company_id bigint, message_external_id text, position int2, source text,
+                source_ref text, kind text, mime_type text, file_name text, caption text,
+                expected_sha256 text)
+), new AS (
+    INSERT INTO media (company_id, message_external_id, position, direction, source, source_ref,
+                       kind, mime_type, file_name, caption, expected_sha256)
+    SELECT u.company_id, u.message_external_id, u.position, 'inbound', u.source, u.source_ref,
+           u.kind, u.mime_type, u.file_name, u.caption, u.expected_sha256
+      FROM u
+    ON CONFLICT (company_id, message_external_id, position) DO NOTHING
+    RETURNING id, company_id, message_external_id, position
+)
+SELECT id, company_id, message_external_id, position FROM new
+UNION ALL
+SELECT m.id, m.company_id, m.message_external_id, m.position
+  FROM u JOIN media m USING (company_id, message_external_id, position)
+ WHERE m.state = 'pending'
+"""
+
 INSERT_EVENTS = """
 INSERT INTO webhook_events (company_id, object, field, event_key, payload)
 SELECT u.company_id, u.object, u.field, u.key, u.payload
@@ -391,12 +420,14 @@ def _affected(result: str) -> int:
 class RowWriter:
     """Applies row sets in one transaction: `apply` once or more (under savepoints, to isolate a
     poison record), then read `stats` and `outbound`, the auto-replies to produce once the
-    transaction has committed. An `apply` that raises leaves both as they were."""
+    transaction has committed, and `media`, the fetch jobs to produce then. An `apply` that
+    raises leaves them as they were."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.stats = BatchStats()
         self.outbound: list[OutboundMessage] = []
+        self.media: list[MediaJob] = []
         # Conversations created by earlier applies of this transaction: still new for a welcome.
         self._created: set[int] = set()
         # The messages this apply inserted: targets for amendments that arrived before them.
@@ -406,6 +437,7 @@ class RowWriter:
         conn = self.conn
         stats = BatchStats(statuses=rows.receipts)
         outbound: list[OutboundMessage] = []
+        media: list[MediaJob] = []
 
         parties = await self._contacts(rows)
         created = parties.created
@@ -430,9 +462,12 @@ class RowWriter:
             # Last: the rows above are filed under the ids their records named (an old one, or a
             # new one not linked yet), and the change folds the new contact into the old.
             await conn.execute(ID_CHANGES, id_change_rows(rows.id_changes))
+        if rows.messages:
+            media = await self._media(rows)
 
         self.stats.add(stats)
         self.outbound += outbound
+        self.media += media
         self._created |= created
 
     async def _contacts(self, rows: RowSet) -> _Parties:
@@ -535,6 +570,38 @@ class RowWriter:
                 continue
             out.append(_reply(m.company, conversation_id, to, row["outbound_id"], row["body"]))
         return out
+
+    async def _media(self, rows: RowSet) -> list[MediaJob]:
+        """The batch's files as pending media rows; a fetch job for each still pending."""
+        unique = rows.unique_messages()
+        media = media_rows(unique.values())
+        if not media:
+            return []
+        pending = await self.conn.fetch(INSERT_MEDIA, media)
+        parts = {
+            (m.company.id, m.external_id, part.position): (m, part)
+            for m in unique.values()
+            for part in m.media
+        }
+        jobs = []
+        for row in pending:
+            m, part = parts[(row["company_id"], row["message_external_id"], row["position"])]
+            jobs.append(
+                MediaJob(
+                    media_id=str(row["id"]),
+                    tenant=m.company.slug,
+                    company_id=m.company.id,
+                    message_external_id=m.external_id,
+                    source=part.source,
+                    ref=part.ref,
+                    kind=part.kind,
+                    sent_at_ms=int(m.at * 1000),
+                    mime_type=part.mime_type,
+                    expected_sha256=part.sha256,
+                    file_name=part.file_name,
+                )
+            )
+        return jobs
 
     async def _amendments(self, rows: RowSet) -> None:
         """Edits and revokes kept, then applied to every target they or the new messages name."""

@@ -169,6 +169,25 @@ async def list_messages(
     return json_response(content, response)
 
 
+def reply_refusal(target: asyncpg.Record | None) -> ApiError | None:
+    """Why a reply to this conversation (`REPLY_TARGET`'s row) cannot be sent, if it cannot."""
+    if target is None:
+        return NotFound("conversation")
+    if target["channel"] != "whatsapp":
+        return ApiError(
+            409, "unsupported_channel", f"replies go out through WhatsApp, not {target['channel']}"
+        )
+    if target["phone_number"] is None:
+        # WUZAPI addresses a user by phone number only: a reply queued now could only fail.
+        who = target["username"] or "this contact"
+        return ApiError(
+            409,
+            "contact_has_no_phone_number",
+            f"{who} has not shared a phone number; replies can be sent once one is known",
+        )
+    return None
+
+
 @router.post("/{conversation_id}/messages", status_code=status.HTTP_202_ACCEPTED)
 async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, service: Service) -> MessageOut:
     """Send a text reply: stored at once as `pending`, then queued on `wuzapi.outbound` (202).
@@ -180,20 +199,10 @@ async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, serv
     queue = True
     async with db.transaction():
         target = await db.fetchrow(REPLY_TARGET, conversation_id)
-        if target is None:
-            raise NotFound("conversation")
-        if target["channel"] != "whatsapp":
-            raise ApiError(
-                409, "unsupported_channel", f"replies go out through WhatsApp, not {target['channel']}"
-            )
-        if target["phone_number"] is None:
-            # WUZAPI addresses a user by phone number only: a reply queued now could only fail.
-            who = target["username"] or "this contact"
-            raise ApiError(
-                409,
-                "contact_has_no_phone_number",
-                f"{who} has not shared a phone number; replies can be sent once one is known",
-            )
+        refusal = reply_refusal(target)
+        if refusal is not None:
+            raise refusal
+        assert target is not None
         content = {"origin": "agent", "user_id": user.id}
         row = await db.fetchrow(REPLY_INSERT, conversation_id, outbound_id, body.text, content)
         if row is None:

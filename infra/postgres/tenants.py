@@ -29,12 +29,13 @@ SELECT id, slug, name, app_secret, verify_token FROM companies WHERE slug = $1
 """
 
 UPSERT_TENANT = """
-INSERT INTO companies (slug, name, app_secret, verify_token)
-VALUES ($1, $2, $3, $4)
+INSERT INTO companies (slug, name, app_secret, verify_token, meta_access_token)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (slug) DO UPDATE
    SET name = COALESCE(NULLIF($2, ''), companies.name),
        app_secret = EXCLUDED.app_secret,
        verify_token = EXCLUDED.verify_token,
+       meta_access_token = COALESCE(EXCLUDED.meta_access_token, companies.meta_access_token),
        updated_at = now()
 RETURNING id, slug, name, app_secret, verify_token, (xmax = 0) AS created
 """
@@ -56,10 +57,12 @@ async def upsert_tenant(
     app_secret: str,
     verify_token: str,
     name: str = "",
+    meta_access_token: str | None = None,
 ) -> tuple[Tenant, bool]:
-    """Register a company, or update its secrets when it exists; return it and whether it is new."""
+    """Register a company, or update its secrets when it exists; return it and whether it is new.
+    `meta_access_token` (the Graph API token its media is fetched with) is kept when None."""
     if not SLUG_RE.match(slug):
         raise InvalidSlug(f"slug {slug!r} must be lowercase letters, digits and dashes")
-    row = await conn.fetchrow(UPSERT_TENANT, slug, name or slug, app_secret, verify_token)
+    row = await conn.fetchrow(UPSERT_TENANT, slug, name or slug, app_secret, verify_token, meta_access_token)
     assert row is not None
     return _tenant(row), bool(row["created"])

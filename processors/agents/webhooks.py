@@ -49,6 +49,7 @@ class WebhooksAgent:
             self.producer.send_outbound,
             retry_max_s=settings.db_retry_max_s,
             company_cache_ttl_s=settings.company_cache_ttl_s,
+            send_media=self.producer.send_media,
         )
         self._writing = None
 
