@@ -591,10 +591,10 @@ async def test_a_batch_takes_a_fixed_number_of_statements_whatever_its_size(db: 
             await RowWriter(counting).apply(rows)  # type: ignore[arg-type]
         counts.append(counting.statements)
     assert len(thrice) == 3 * len(alone) > 500
-    # processors/writer.py's sixteen: contacts, conversations, messages, bumps, notifications,
+    # processors/writer.py's seventeen: contacts, conversations, messages, bumps, notifications,
     # auto-replies, their messages, pending replies, amendments kept and applied, reactions,
-    # statuses, delivery and read receipts, events, identity changes.
-    assert counts == [16, 16]
+    # statuses, delivery and read receipts, events, identity changes, media rows.
+    assert counts == [17, 17]
 
 
 def _poisoned(

@@ -125,6 +125,8 @@ class MediaAgent:
         self._pruning = None
         if self._graph is not None:
             await self._graph.close()
+        if self._store is not None:
+            await self._store.close()
         if self._pool is not None:
             await self._pool.close()
         await self.producer.release(NAME)
