@@ -137,6 +137,50 @@ def wuzapi_sim(
     asyncio.run(run())
 
 
+@app.command("graph-sim")
+def graph_sim(
+    port: int = typer.Option(None, help="Port to listen on (default CORTEXX_GRAPH_SIM_PORT)."),
+    token: list[str] = typer.Option(
+        None,
+        envvar="CORTEXX_GRAPH_SIM_TOKENS",
+        help="An access token it accepts (repeatable); any other gets Meta's 401 (code 190)."
+        " Default: CORTEXX_META_ACCESS_TOKEN, the worker's.",
+    ),
+    any_token: bool = typer.Option(False, "--any-token", help="Accept every non-empty token."),
+    auto: bool = typer.Option(
+        False, "--auto", help="Serve any numeric media id (and any CDN name) as a file made from it."
+    ),
+    url_ttl_s: float = typer.Option(300.0, help="How long a download URL it gives lives."),
+) -> None:
+    """Run the Graph API (media) simulator (faults switched at run time through /_sim/faults)."""
+    serve = harness("graph_sim", "cortexx graph-sim").serve
+    from infra.runtime.lifecycle import lifecycle
+
+    settings = process_settings("graph-sim")
+    lifecycle.install("graph-sim")
+    default = settings.meta_access_token.get_secret_value() if settings.meta_access_token else None
+    tokens = set(token or ()) or ({default} if default else set())
+    if not tokens and not any_token:
+        typer.echo("cortexx graph-sim: give --token, CORTEXX_META_ACCESS_TOKEN or --any-token", err=True)
+        raise typer.Exit(2)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        lifecycle.watch_loop(asyncio.get_running_loop())
+        lifecycle.on_stop(lambda _: stop.set())
+        await serve(
+            "127.0.0.1",
+            port or settings.graph_sim_port,
+            tokens,
+            any_token=any_token,
+            auto=auto,
+            url_ttl_s=url_ttl_s,
+            stop=stop,
+        )
+
+    asyncio.run(run())
+
+
 @app.command()
 def simulate(
     url: str = typer.Option(None, help="Ingest base URL (default http://127.0.0.1:INGEST_PORT)."),

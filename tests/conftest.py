@@ -26,7 +26,7 @@ from infra.postgres.migrate import migrate
 from infra.postgres.tenants import Tenant, upsert_tenant
 from tests.containers import NoDockerEngine, docker_answers, kafka_and_postgres
 from tests.desk import Desk, open_desk
-from tests.support import CortexxProcess, ServiceUrls, Simulator
+from tests.support import CortexxProcess, GraphSim, ServiceUrls, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +89,19 @@ def wuzapi(services: ServiceUrls) -> Iterator[Simulator]:
 
 
 @pytest.fixture(scope="session")
+def graph(services: ServiceUrls) -> Iterator[GraphSim]:
+    """The Graph API simulator (media), a real HTTP process that knows the tests' Meta token;
+    every process started after it uses it."""
+    proc = CortexxProcess.graph_sim(services)
+    proc.start()
+    services.graph_url = proc.url
+    try:
+        yield GraphSim(proc.url)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
 def ingest(services: ServiceUrls) -> Iterator[CortexxProcess]:
     proc = CortexxProcess.ingest(services, produce_timeout_s=2.0)
     proc.start()
@@ -117,9 +130,18 @@ def api(services: ServiceUrls) -> Iterator[CortexxProcess]:
 
 
 @pytest.fixture(scope="session")
-def worker(services: ServiceUrls, wuzapi: Simulator) -> Iterator[CortexxProcess]:
+def worker(services: ServiceUrls, wuzapi: Simulator, graph: GraphSim) -> Iterator[CortexxProcess]:
     proc = CortexxProcess.worker(
-        services, breaker_reset_s=1.0, wuzapi_timeout_s=1.0, wuzapi_backoff_max_s=1.0, company_cache_ttl_s=0.5
+        services,
+        breaker_reset_s=1.0,
+        wuzapi_timeout_s=1.0,
+        wuzapi_backoff_max_s=1.0,
+        company_cache_ttl_s=0.5,
+        media_backoff_initial_s=0.05,
+        media_backoff_max_s=0.5,
+        media_max_attempts=3,
+        media_breaker_reset_s=1.0,
+        media_lookup_timeout_s=2.0,
     )
     proc.start()
     try:

@@ -25,6 +25,10 @@ from infra.postgres.tenants import Tenant
 T = TypeVar("T")
 
 
+# The Graph API simulator's one token in the tests: the worker's default access token.
+META_TOKEN = "cortexx-test-meta-token"
+
+
 @dataclass
 class ServiceUrls:
     database_url: str
@@ -33,6 +37,7 @@ class ServiceUrls:
     data_dir: Path
     wuzapi_url: str = ""
     postgres: EmbeddedPostgres | None = None
+    graph_url: str = ""
 
 
 @dataclass
@@ -75,6 +80,17 @@ class CortexxProcess:
             ["wuzapi-sim", "--port", str(port)],
             _env(services),
             services.data_dir / f"wuzapi-sim-{port}.log",
+            port=port,
+        )
+
+    @classmethod
+    def graph_sim(cls, services: ServiceUrls, *args: str) -> CortexxProcess:
+        port = free_port()
+        return cls(
+            "graph-sim",
+            ["graph-sim", "--port", str(port), "--auto", *args],
+            _env(services),
+            services.data_dir / f"graph-sim-{port}.log",
             port=port,
         )
 
@@ -157,6 +173,8 @@ def _env(services: ServiceUrls, *, bootstrap: str | None = None, **settings: Any
         CORTEXX_DATA_DIR=str(services.data_dir),
         CORTEXX_LOG_LEVEL="info",
         CORTEXX_WUZAPI_URL=services.wuzapi_url,
+        CORTEXX_GRAPH_API_URL=services.graph_url,
+        CORTEXX_META_ACCESS_TOKEN=META_TOKEN,
     )
     env.update({f"CORTEXX_{k.upper()}": str(v) for k, v in settings.items()})
     return env
@@ -276,6 +294,44 @@ class Delivered:
                 if self.ids[(chat_of(phone), body)] != [gateway_id]
             }
             assert wrong == {}, f"delivered under another id than its own: {wrong}"
+
+
+class GraphSim:
+    """The Graph API simulator's control API, for a test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def register(self, **spec: Any) -> dict[str, Any]:
+        """A file it serves: {id, sha256 (hex), sha256_b64, file_size, mime_type, url (cdn)}."""
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(f"{self.url}/_sim/media", json=spec)
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+    async def register_many(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(f"{self.url}/_sim/media", json=specs)
+            response.raise_for_status()
+            items: list[dict[str, Any]] = response.json()["items"]
+            return items
+
+    async def faults(self, **faults: Any) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.put(f"{self.url}/_sim/faults", json=faults)
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+    async def ledger(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            result: dict[str, Any] = (await client.get(f"{self.url}/_sim/ledger")).json()
+            return result
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            (await client.post(f"{self.url}/_sim/reset")).raise_for_status()
 
 
 class Simulator:
