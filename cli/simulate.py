@@ -2,8 +2,9 @@
 that Postgres holds what it stands for: every message once with its final status (its type,
 the message it replies to, forward and ad referral), every reaction on its message with the
 last emoji sent (or removed), every edit applied, every revoked message marked deleted, and
-every username user one contact with their username and no phone; reactions, edits and revokes
-never as messages."""
+every username user one contact with their username and no phone, and (beside the Graph API
+simulator) every file of every media message stored; reactions, edits and revokes never as
+messages."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ SELECT r.message_external_id AS target, r.emoji, r.contact_id, cv.contact_id AS 
  WHERE r.company_id = $1 AND r.message_external_id = ANY($2::text[])
 """
 
+# The files of the plan's media messages, by message: stored, all of them?
+FETCH_MEDIA = """
+SELECT message_external_id, bool_and(state = 'stored') AS stored, min(reason) AS reason
+  FROM media
+ WHERE company_id = $1 AND message_external_id = ANY($2::text[])
+ GROUP BY message_external_id
+"""
+MEDIA_TYPES = frozenset(("image", "video", "audio", "document", "sticker", "file"))
+
 # The live contacts the plan's BSUIDs name (any BSUID a contact has had names it).
 FETCH_CONTACTS = """
 SELECT cu.user_id, c.id, c.phone_number, c.username
@@ -76,6 +86,8 @@ class Verdict:
     revokes_off: list[str] = field(default_factory=list)
     username_ok: int = 0
     username_off: list[str] = field(default_factory=list)
+    media_ok: int = 0
+    media_off: list[str] = field(default_factory=list)  # media messages whose files are not all stored
 
     @property
     def ok(self) -> bool:
@@ -89,12 +101,25 @@ class Verdict:
             or self.edits_off
             or self.revokes_off
             or self.username_off
+            or self.media_off
         )
 
 
-async def check(conn: asyncpg.Connection, company_id: int, plan: SimulationPlan) -> Verdict:
-    """Compare what Postgres holds for ``company_id`` with what ``plan`` should leave there."""
+async def check(
+    conn: asyncpg.Connection, company_id: int, plan: SimulationPlan, *, media: bool = False
+) -> Verdict:
+    """Compare what Postgres holds for ``company_id`` with what ``plan`` should leave there
+    (and, with ``media``, that every file of its media messages is stored)."""
     verdict = Verdict()
+    if media:
+        wanted = [k for k, e in plan.expected.items() if e.direction == "inbound" and e.type in MEDIA_TYPES]
+        files = {r["message_external_id"]: r for r in await conn.fetch(FETCH_MEDIA, company_id, wanted)}
+        for key in wanted:
+            row = files.get(key)
+            if row is not None and row["stored"]:
+                verdict.media_ok += 1
+            else:
+                verdict.media_off.append(f"{key} ({row['reason'] if row else 'no media row'})")
     amendments = plan.amendment_ids()
     rows = await conn.fetch(FETCH_MESSAGES, company_id, [*plan.expected, *amendments])
     found = {r["external_id"]: r for r in rows if r["external_id"] not in amendments}
@@ -236,17 +261,27 @@ async def _post_all(plan: SimulationPlan, base_url: str, tenant: Tenant, concurr
     return codes
 
 
-async def _verify(url: str, tenant: Tenant, plan: SimulationPlan, timeout_s: float) -> Verdict:
+async def _verify(
+    url: str, tenant: Tenant, plan: SimulationPlan, timeout_s: float, *, media: bool
+) -> Verdict:
     deadline = time.monotonic() + timeout_s
     conn = await connect(url)
     try:
         while True:
-            verdict = await check(conn, tenant.id, plan)
+            verdict = await check(conn, tenant.id, plan, media=media)
             if verdict.ok or time.monotonic() > deadline:
                 return verdict
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
+
+
+def _graph_simulator(url: str) -> bool:
+    """Whether the Graph API the worker fetches from is the simulator (it serves the samples)."""
+    try:
+        return httpx.get(f"{url}/_sim/faults", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _of(ok: int, off: list[str]) -> str:
@@ -276,6 +311,9 @@ def run_simulation(
         waba_id="102290129340398",
         page_id="112233445566778",
         start_ts=int(time.time()) - 3600,
+        # Beside `cortexx up`'s Graph API simulator, attachments are on it, and every file of the
+        # stream is checked stored; against Meta's own, the sample files do not exist.
+        cdn_base=settings.graph_api if (media := _graph_simulator(settings.graph_api)) else None,
     )
     started = time.monotonic()
     codes = asyncio.run(_post_all(plan, base_url, demo, concurrency))
@@ -293,7 +331,7 @@ def run_simulation(
     table.add_row("posting took", f"{posted_s:.2f} s")
     ok = codes.get(200, 0) == len(plan.webhooks)
     if verify:
-        result = asyncio.run(_verify(database_url, demo, plan, timeout_s))
+        result = asyncio.run(_verify(database_url, demo, plan, timeout_s, media=media))
         stored_s = time.monotonic() - started
         table.add_row("messages in Postgres", str(result.stored))
         table.add_row("missing", str(len(result.missing)))
@@ -305,6 +343,8 @@ def run_simulation(
         table.add_row("edits applied", _of(result.edits_ok, result.edits_off))
         table.add_row("deleted marked", _of(result.revokes_ok, result.revokes_off))
         table.add_row("username-only contacts", _of(result.username_ok, result.username_off))
+        if media:
+            table.add_row("media messages with their files stored", _of(result.media_ok, result.media_off))
         table.add_row("all stored after", f"{stored_s:.2f} s")
         ok = ok and result.ok
         for what, off in (
@@ -317,6 +357,7 @@ def run_simulation(
             ("edits not applied", result.edits_off),
             ("revoked but not marked deleted", result.revokes_off),
             ("username users not one contact with their username and no phone", result.username_off),
+            ("media messages whose files are not stored", result.media_off),
         ):
             if off:
                 more = " ..." if len(off) > 5 else ""

@@ -115,6 +115,9 @@ class Child:
         log.info("up.child_stopped", child=self.name, code=self.proc.returncode)
 
 
+DEV_META_TOKEN = "cortexx-dev-meta-token"
+
+
 def _child_env(settings: Settings, services: Services) -> dict[str, str]:
     env = dict(os.environ)
     env["CORTEXX_DATABASE_URL"] = services.database_url
@@ -127,6 +130,10 @@ def _child_env(settings: Settings, services: Services) -> dict[str, str]:
         # not argv, so no token shows in the process list.
         listed = os.environ.get("CORTEXX_WUZAPI_SIM_TOKENS", "").split()
         env["CORTEXX_WUZAPI_SIM_TOKENS"] = " ".join(dict.fromkeys([settings.wuzapi_token, *listed]))
+    env["CORTEXX_GRAPH_API_URL"] = settings.graph_api
+    if not settings.graph_api_url and not settings.meta_access_token:
+        # The simulator's one token, and the worker's for companies without their own.
+        env["CORTEXX_META_ACCESS_TOKEN"] = DEV_META_TOKEN
     return env
 
 
@@ -142,6 +149,7 @@ def _write_services_env(settings: Settings, services: Services) -> None:
             f"CORTEXX_INGEST_PORT={settings.ingest_port}\n"
             f"CORTEXX_API_PORT={settings.api_port}\n"
             f"CORTEXX_WUZAPI_URL={settings.wuzapi_url or f'http://127.0.0.1:{settings.wuzapi_sim_port}'}\n"
+            f"CORTEXX_GRAPH_API_URL={settings.graph_api}\n"
         )
 
 
@@ -158,6 +166,10 @@ def run_up(settings: Settings) -> int:
         # No gateway configured: run the simulator, first, so the worker finds it.
         sim_url = f"http://127.0.0.1:{settings.wuzapi_sim_port}"
         children.insert(0, Child("wuzapi-sim", ["wuzapi-sim"], url=sim_url))
+    if not settings.graph_api_url:
+        # Nor a Graph API: the media simulator, serving the sample stream's files (--auto).
+        graph_url = f"http://127.0.0.1:{settings.graph_sim_port}"
+        children.insert(0, Child("graph-sim", ["graph-sim", "--auto"], url=graph_url))
 
     def force() -> None:
         # A second Ctrl-C: no more waiting, but leave nothing running behind us.

@@ -33,10 +33,13 @@ import copy
 import hashlib
 import hmac
 import random
+import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from harness.graph_sim import auto_sha256_b64
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -456,7 +459,9 @@ def wa_message(
                 media["caption"] = caption
             media["filename"] = filename
             media["mime_type"] = mime
-        media["sha256"] = _sha256_b64(r)
+        _sha256_b64(r)  # drawn still, so the rest of the stream stays as it was
+        # The hash of the file the Graph API simulator serves for this id (`--auto`).
+        media["sha256"] = auto_sha256_b64(media_id)
         media["id"] = media_id
         media["url"] = _media_url(media_id, r)
         if msg_type == "audio":
@@ -745,11 +750,13 @@ def messenger_message(
     timestamp_ms: int,
     text: str | None = None,
     attachment_type: str | None = None,
+    cdn_base: str | None = None,
 ) -> dict[str, Any]:
     """One ``entry[].messaging[]`` event for a message a user sent to the Page/IG account.
 
     ``attachment_type`` is ``image``, ``video``, ``audio`` or ``file`` (Messenger) and adds
-    ``message.attachments = [{"type": ..., "payload": {"url": ...}}]``. With neither text nor
+    ``message.attachments = [{"type": ..., "payload": {"url": ...}}]``: a URL on Meta's CDN, or
+    on ``cdn_base`` (the Graph API simulator, which serves it) when given. With neither text nor
     attachment a short text is used.
     """
     message: dict[str, Any] = {"mid": mid}
@@ -766,6 +773,9 @@ def messenger_message(
             f"&_nc_sid={_hex(r, 6, upper=False)}&oh=03_{_hex(r, 40, upper=False)}"
             f"&oe={_hex(r, 8).upper()}"
         )
+        if cdn_base is not None:
+            # Valid for a week from now, as Meta's CDN URLs are for days.
+            url = f"{cdn_base.rstrip('/')}/cdn/{_hex(r, 24, upper=False)}?oe={int(time.time()) + 7 * 86400:x}"
         message["attachments"] = [{"type": attachment_type, "payload": {"url": url}}]
     return {
         "sender": {"id": sender_id},
@@ -1063,6 +1073,7 @@ def build_plan(
     start_ts: int | None = None,
     instagram_id: str | None = None,
     other_fields: bool = True,
+    cdn_base: str | None = None,
 ) -> SimulationPlan:
     """Build a deterministic stream of signed-ready webhook bodies and its expected outcome.
 
@@ -1463,6 +1474,7 @@ def build_plan(
                         timestamp_ms=clock_ms,
                         text=None if attach else rng.choice(_TEXTS),
                         attachment_type=attach,
+                        cdn_base=cdn_base,
                     )
                     add(clock_ms / 1000, family, event)
                     expected[mid] = ExpectedMessage(
