@@ -15,7 +15,7 @@ waiting on a broken WUZAPI instance does not hold up the others, and a tenant's 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from infra.postgres.db import is_transient
 from infra.runtime.logging import get_logger
 from infra.runtime.retry import until_it_passes
 from infra.runtime.ttl_cache import TtlCache
+from infra.storage import MediaStore, StoreUnavailable
 from processors.webhooks import RawRecord
 from processors.wuzapi import BreakerOpen, WuzapiClient, WuzapiPermanent, WuzapiTransient
 from schemas.outbound import OutboundMessage, OutboundRecordError
@@ -99,9 +100,11 @@ class OutboundSender:
         backoff_initial_s: float,
         backoff_max_s: float,
         config_ttl_s: float = 30.0,
+        store: MediaStore | None = None,
     ) -> None:
         self.pool = pool
         self.client = client
+        self.store = store
         self.dead_letters = dead_letters
         self.default_token = default_token
         self.max_attempts = max_attempts
@@ -155,6 +158,16 @@ class OutboundSender:
                 return
         config = await self._config(message.company_id)
         attempts = 0
+        media = None
+        if message.media_key is not None:
+            try:
+                media = await self._attachment(message.media_key)
+            except WuzapiPermanent as exc:
+                SENDS.labels("dead_lettered").inc()
+                error = {"source": "wuzapi", "type": type(exc).__name__, "message": str(exc)}
+                await self._db(MARK_FAILED, message.company_id, message.id, error)
+                await self._dead_letter(raw, message.tenant, exc, attempts=0, prior=prior)
+                return
 
         async def attempt() -> None:
             nonlocal attempts
@@ -163,7 +176,7 @@ class OutboundSender:
                     RATE_WAITS.inc()
                 await config.limiter.acquire()
                 try:
-                    await self.client.send(config.token, message)
+                    await self.client.send(config.token, message, media)
                     return
                 except BreakerOpen as exc:
                     # An outage: wait for the breaker, spend no attempt, send nothing meanwhile.
@@ -205,6 +218,27 @@ class OutboundSender:
             partition=raw.partition,
             offset=raw.offset,
         )
+
+    async def _attachment(self, key: str) -> Callable[[], AsyncIterator[bytes]]:
+        """The attachment's bytes, read afresh from the media store for each attempt. A file that
+        is not there can never be sent (permanent); a store that is away is waited out."""
+        store = self.store
+        if store is None:
+            raise WuzapiPermanent("this worker has no media store for attachments")
+        size = await until_it_passes(
+            lambda: store.size(key),
+            retry_if=lambda exc: isinstance(exc, StoreUnavailable),
+            event="outbound.store_retry",
+        )
+        if size is None:
+            raise WuzapiPermanent(f"attachment {key} is not in the media store")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async with await store.open(key) as stored:
+                async for chunk in stored.chunks():
+                    yield chunk
+
+        return chunks
 
     async def _dead_letter(
         self, raw: RawRecord, tenant: str | None, exc: BaseException, *, attempts: int, prior: Prior

@@ -6,6 +6,10 @@ What a reply means (from WUZAPI's handlers): a timeout, a connection error, a 5x
 an alert); any other 4xx is permanent. Retrying and waiting are the caller's (processors.outbound):
 this module makes one attempt and says what happened.
 
+An attachment goes inside the JSON body as a base64 data URL (the gateway takes no URL): the body
+is streamed, read afresh from the caller's source for each attempt and encoded as it goes, so a
+16 MB file is never whole in memory here. Such a call has its own deadline (`media_timeout_s`).
+
 aiobreaker's limits, and what this module does about them: it knows no slow call, so every call
 ends in a timeout that raises and counts; it caps no half-open trials, so a lock lets one probe
 through at a time; it times its open state with naive UTC datetimes, so the time left is computed
@@ -15,7 +19,8 @@ here from those same naive UTC values.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -27,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from infra.runtime.logging import get_logger
 from schemas import wuzapi as contract
-from schemas.outbound import OutboundMessage
+from schemas.outbound import MEDIA_KINDS, OutboundMessage
 from schemas.wuzapi import instance_name
 
 log = get_logger("processors.wuzapi")
@@ -62,6 +67,12 @@ class WuzapiPermanent(WuzapiError):
     """Retrying cannot help: the request itself is refused (4xx)."""
 
 
+class MediaUnavailable(WuzapiTransient):
+    """The attachment could not be read during the attempt (its source raised: the cause): the
+    body was cut off, so nothing was sent. Not the gateway's fault: excluded from the breaker,
+    which (as for a 4xx) takes it as a call that did not fail."""
+
+
 class WuzapiUnauthorized(WuzapiPermanent):
     """The token is not a WUZAPI user: our configuration, not the message."""
 
@@ -73,6 +84,33 @@ class BreakerOpen(Exception):
         super().__init__(f"breaker of {instance} open for {wait_s:.2f}s more")
         self.instance = instance
         self.wait_s = wait_s
+
+
+# A factory of the attachment's bytes: each call gives a fresh iterator from the start of the file.
+MediaSource = Callable[[], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file streamed into the request: its base64 extends the data URL at `payload[field]`."""
+
+    field: str
+    chunks: MediaSource
+
+
+class _SourceFailed(Exception):
+    """Raised inside the streamed body when the attachment's source raises (the cause)."""
+
+
+async def _read(source: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    while True:
+        try:
+            chunk = await anext(source)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:  # the store's own error, whatever it is: re-raised typed, not lost
+            raise _SourceFailed(repr(exc)) from exc
+        yield chunk
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -112,9 +150,17 @@ class WuzapiClient:
         breaker_fail_max: int,
         breaker_reset_s: float,
         on_breaker_change: Callable[[str, str, int], None] | None = None,
+        media_timeout_s: float = 120.0,
     ) -> None:
+        """`media_timeout_s` bounds a whole call that carries a file: the upload to WUZAPI, its
+        upload to WhatsApp and the answer. The default is the gateway's own http.Server
+        WriteTimeout (main.go: 120 s), past which it cannot answer; its ReadTimeout (60 s) means
+        the body itself must be through within a minute."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.media_timeout_s = media_timeout_s
+        # Per phase too: waiting for the answer while WUZAPI uploads the file may take long.
+        self._media_timeout = httpx.Timeout(media_timeout_s, connect=connect_timeout_s)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -135,7 +181,7 @@ class WuzapiClient:
             breaker = CircuitBreaker(
                 fail_max=self._fail_max,
                 timeout_duration=self._reset,
-                exclude=[WuzapiPermanent],
+                exclude=[WuzapiPermanent, MediaUnavailable],
                 listeners=[self._listener],
                 name=instance_name(token),
             )
@@ -150,48 +196,83 @@ class WuzapiClient:
         left = opened_at + breaker.timeout_duration - datetime.utcnow()
         return max(0.0, float(left.total_seconds()))
 
-    async def call(self, token: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One attempt through the instance's breaker. Raises BreakerOpen, WuzapiTransient or
+    async def call(
+        self, token: str, path: str, payload: dict[str, Any], upload: Upload | None = None
+    ) -> dict[str, Any]:
+        """One attempt through the instance's breaker, with `upload`'s file streamed into the
+        payload if given. Raises BreakerOpen, WuzapiTransient (MediaUnavailable among them) or
         WuzapiPermanent; returns the reply's `data`."""
         breaker = self.breaker(token)
         if breaker.current_state is CircuitBreakerState.CLOSED:
-            return await self._guarded(breaker, token, path, payload)
+            return await self._guarded(breaker, token, path, payload, upload)
         # Open or half-open: one probe at a time; the others wait for its verdict.
         async with self._probes[token]:
             if breaker.current_state is CircuitBreakerState.OPEN:
                 left = self._time_left(breaker)
                 if left > 0:
                     raise BreakerOpen(breaker.name, left)
-            return await self._guarded(breaker, token, path, payload)
+            return await self._guarded(breaker, token, path, payload, upload)
 
     async def _guarded(
-        self, breaker: CircuitBreaker, token: str, path: str, payload: dict[str, Any]
+        self,
+        breaker: CircuitBreaker,
+        token: str,
+        path: str,
+        payload: dict[str, Any],
+        upload: Upload | None,
     ) -> dict[str, Any]:
         try:
-            result: dict[str, Any] = await breaker.call_async(self._request, token, path, payload)
+            result: dict[str, Any] = await breaker.call_async(self._request, token, path, payload, upload)
             return result
         except CircuitBreakerError as exc:
             raise BreakerOpen(breaker.name, self._time_left(breaker)) from exc.__cause__
 
-    async def _request(self, token: str, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _request(
+        self, token: str, path: str, payload: dict[str, Any], upload: Upload | None
+    ) -> dict[str, Any]:
         started = asyncio.get_running_loop().time()
+        deadline = self.timeout_s if upload is None else self.media_timeout_s
+        headers = {contract.TOKEN_HEADER: token, "Content-Type": "application/json"}
+        body = None if upload is None else self._streamed(payload, upload)
         try:
             # httpx's timeouts are per phase; this bounds the whole call, so a slow drip ends too.
-            async with asyncio.timeout(self.timeout_s):
-                response = await self._http.post(
-                    path,
-                    content=orjson.dumps(payload),
-                    headers={contract.TOKEN_HEADER: token, "Content-Type": "application/json"},
-                )
+            async with asyncio.timeout(deadline):
+                if body is None:
+                    response = await self._http.post(path, content=orjson.dumps(payload), headers=headers)
+                else:
+                    # No Content-Length: chunked, which Go's net/http reads as any body.
+                    response = await self._http.post(
+                        path, content=body, headers=headers, timeout=self._media_timeout
+                    )
         except (TimeoutError, httpx.TimeoutException) as exc:
             CALLS.labels("timeout").inc()
-            raise WuzapiTransient(f"timeout after {self.timeout_s}s on {path}") from exc
+            raise WuzapiTransient(f"timeout after {deadline}s on {path}") from exc
         except httpx.TransportError as exc:
             CALLS.labels("connection_error").inc()
             raise WuzapiTransient(f"{type(exc).__name__} on {path}: {exc}") from exc
+        except _SourceFailed as exc:
+            CALLS.labels("media_unavailable").inc()
+            raise MediaUnavailable(f"the attachment could not be read for {path}: {exc}") from exc.__cause__
         finally:
+            if body is not None:
+                await body.aclose()  # ends the source too, whether or not it was read to its end
             CALL_SECONDS.observe(asyncio.get_running_loop().time() - started)
         return self._interpret(path, response)
+
+    async def _streamed(self, payload: dict[str, Any], upload: Upload) -> AsyncGenerator[bytes, None]:
+        source = upload.chunks()
+        chunks = _read(source)
+        pieces = contract.streamed_json(payload, upload.field, chunks)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            # Closed in order, now rather than by the garbage collector: the file is let go.
+            await pieces.aclose()
+            await chunks.aclose()
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _interpret(self, path: str, response: httpx.Response) -> dict[str, Any]:
         status = response.status_code
@@ -224,24 +305,37 @@ class WuzapiClient:
             raise WuzapiPermanent(f"unexpected reply {body!r}", status=status)
         raise WuzapiPermanent(f"{status} {error}", status=status)
 
-    async def send(self, token: str, message: OutboundMessage) -> None:
+    async def send(self, token: str, message: OutboundMessage, media: MediaSource | None = None) -> None:
         """Send one outbound message under its gateway id (unique across companies) as WhatsApp's
-        message id."""
+        message id. An attachment (image, audio, video, document) needs `media`, a factory of a
+        fresh iterator of the file's bytes, called once per attempt; it is sent as
+        `schemas.wuzapi.media_route` says (what the gateway cannot send as its kind goes as a
+        document)."""
         if message.kind == "text":
-            path, payload = (
-                contract.SEND_TEXT,
-                contract.text_request(message.to, message.text or "", message.gateway_id),
+            payload = contract.text_request(message.to, message.text or "", message.gateway_id)
+            await self.call(token, contract.SEND_TEXT, payload)
+            return
+        if message.kind == "markread":
+            payload = contract.markread_request(list(message.read_ids), message.to)
+            await self.call(token, contract.MARK_READ, payload)
+            return
+        if message.kind not in MEDIA_KINDS:
+            raise WuzapiPermanent(f"no WUZAPI endpoint sends a {message.kind!r} message")
+        if media is None:
+            # A record from before attachments were streamed names only a media_url: the gateway
+            # takes files as data URLs only and downloads nothing, so it cannot be sent.
+            raise WuzapiPermanent(
+                f"the {message.kind} reply has no attachment to stream (WUZAPI takes no URL)"
             )
-        elif message.kind == "image":
-            path = contract.SEND_IMAGE
-            payload = contract.image_request(
-                message.to, message.media_url or "", message.caption, message.gateway_id
-            )
-        elif message.kind == "document":
-            path = contract.SEND_DOCUMENT
-            payload = contract.document_request(
-                message.to, message.media_url or "", message.filename or "document", message.gateway_id
-            )
-        else:
-            path, payload = contract.MARK_READ, contract.markread_request(list(message.read_ids), message.to)
-        await self.call(token, path, payload)
+        route = contract.media_route(message.kind, message.mime_type)
+        if route.kind != message.kind:
+            log.info("wuzapi.sent_as_document", id=message.id, kind=message.kind, mime_type=message.mime_type)
+        payload = contract.media_request(
+            route,
+            message.to,
+            message.gateway_id,
+            caption=message.caption,
+            filename=message.filename,
+            mime_type=message.mime_type,
+        )
+        await self.call(token, route.path, payload, Upload(route.field, media))

@@ -139,7 +139,9 @@ def worker(services: ServiceUrls, wuzapi: Simulator, graph: GraphSim) -> Iterato
         company_cache_ttl_s=0.5,
         media_backoff_initial_s=0.05,
         media_backoff_max_s=0.5,
-        media_max_attempts=3,
+        # A wrong hash is retried this often (about 10 s at these waits): the media fault test's
+        # phase of wrong hashes is shorter, so no file is lost to it.
+        media_max_attempts=40,
         media_breaker_reset_s=1.0,
         media_lookup_timeout_s=2.0,
     )

@@ -287,7 +287,7 @@ async def test_a_reply_carries_a_file_to_the_customer_once(
 
     async def delivered() -> list[Any]:
         ledger = await wuzapi.ledger()
-        return [d for d in ledger["deliveries"] if d["phone"] == phone and d.get("sha256")]
+        return [d for d in ledger["deliveries"].values() if d["phone"] == phone and d.get("sha256")]
 
     await wait_until(lambda: _nonempty(delivered), timeout_s=30, what="the file at WUZAPI")
     (delivery,) = await delivered()

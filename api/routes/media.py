@@ -48,6 +48,7 @@ from infra.runtime.logging import get_logger
 from infra.storage import MediaNotFound, StoreUnavailable
 from schemas.outbound import OutboundMessage
 from schemas.previews import clip
+from schemas.wuzapi import media_route
 
 log = get_logger("api.media")
 
@@ -222,14 +223,10 @@ async def serve_media(media_id: MediaId, request: Request, response: Response, s
 
 
 def attachment_kind(mime: str) -> str:
-    """What WhatsApp sends a file as (its media types; anything else goes as a document)."""
-    if mime in ("image/jpeg", "image/png"):
-        return "image"
-    if mime.startswith("audio/"):
-        return "audio"
-    if mime in ("video/mp4", "video/3gpp"):
-        return "video"
-    return "document"
+    """What WhatsApp (through WUZAPI) delivers a file as: an image, a voice note, a video, or, for
+    anything else (a GIF, an MP3, an SVG, a PDF), a document (`schemas.wuzapi.media_route`)."""
+    guess = "image" if mime.startswith("image/") else mime.split("/")[0]
+    return media_route(guess, mime).kind
 
 
 async def _spooled(upload: UploadFile) -> AsyncIterator[bytes]:

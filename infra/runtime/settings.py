@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     wuzapi_token: str = "cortexx-dev-token"  # used for companies without a token of their own
     wuzapi_connect_timeout_s: float = Field(default=2.0, gt=0)
     wuzapi_timeout_s: float = Field(default=5.0, gt=0)
+    # A call carrying a file: the upload included (WUZAPI's own write timeout is 120 s).
+    wuzapi_media_timeout_s: float = Field(default=120.0, gt=0)
     wuzapi_max_attempts: int = Field(default=10, ge=1)
     wuzapi_backoff_initial_s: float = Field(default=0.2, gt=0)
     wuzapi_backoff_max_s: float = Field(default=10.0, gt=0)

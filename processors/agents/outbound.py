@@ -13,6 +13,7 @@ import faust
 
 from infra.postgres.db import create_pool
 from infra.runtime.settings import Settings
+from infra.storage import MediaStore
 from processors.agents.events import raw_record
 from processors.breakers import BreakerRecorder
 from processors.outbound import OutboundSender, TenantLanes
@@ -41,6 +42,7 @@ class OutboundAgent:
             settings.wuzapi_url,
             connect_timeout_s=settings.wuzapi_connect_timeout_s,
             timeout_s=settings.wuzapi_timeout_s,
+            media_timeout_s=settings.wuzapi_media_timeout_s,
             breaker_fail_max=settings.breaker_fail_max,
             breaker_reset_s=settings.breaker_reset_s,
             on_breaker_change=breakers.changed,
@@ -54,6 +56,7 @@ class OutboundAgent:
             backoff_initial_s=settings.wuzapi_backoff_initial_s,
             backoff_max_s=settings.wuzapi_backoff_max_s,
             config_ttl_s=settings.company_cache_ttl_s,
+            store=MediaStore.from_settings(settings),
         )
         self._lanes = TenantLanes(sender.handle, self._done, max_in_flight=settings.outbound_max_in_flight)
 

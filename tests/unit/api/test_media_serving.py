@@ -85,5 +85,6 @@ def test_an_attachment_goes_out_as_the_whatsapp_type_of_its_file() -> None:
     assert attachment_kind("image/jpeg") == "image"
     assert attachment_kind("image/svg+xml") == "document"
     assert attachment_kind("audio/ogg") == "audio"
+    assert attachment_kind("audio/mpeg") == "document"  # WUZAPI sends only Ogg as a voice note
     assert attachment_kind("video/mp4") == "video"
     assert attachment_kind("application/pdf") == "document"

@@ -1,11 +1,17 @@
 """What each WUZAPI answer means to the worker, through an in-process transport (httpx's
 MockTransport) answering with WUZAPI's own envelopes: a send, a refusal that no retry can help
 (4xx), a wrong token (401, alerted), an outage worth retrying (5xx, 429, timeouts, connection
-errors) with WUZAPI's Retry-After, replies that are not JSON, and the breaker an outage opens."""
+errors) with WUZAPI's Retry-After, replies that are not JSON, and the breaker an outage opens.
+Attachments: streamed into the body from a fresh read of the file for each attempt, never whole
+in memory, under their own deadline; a file that cannot be read is no fault of the gateway's."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import random
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -19,6 +25,7 @@ from prometheus_client import REGISTRY
 from processors import wuzapi as wuzapi_module
 from processors.wuzapi import (
     BreakerOpen,
+    MediaUnavailable,
     WuzapiClient,
     WuzapiPermanent,
     WuzapiTransient,
@@ -133,41 +140,16 @@ async def test_a_success_without_data_is_an_empty_answer(client: WuzapiClient, s
             {"Phone": "4915112345678", "Body": "Hi there", "Id": gateway_message_id(7, "reply-1")},
         ),
         (
-            message("image", media_url="https://cdn.test/a.jpg", caption="Our menu"),
-            "/chat/send/image",
-            {
-                "Phone": "4915112345678",
-                "Image": "https://cdn.test/a.jpg",
-                "Caption": "Our menu",
-                "Id": gateway_message_id(7, "reply-1"),
-            },
-        ),
-        (
-            message("image", media_url="https://cdn.test/a.jpg"),
-            "/chat/send/image",
-            {
-                "Phone": "4915112345678",
-                "Image": "https://cdn.test/a.jpg",
-                "Id": gateway_message_id(7, "reply-1"),
-            },
-        ),
-        (
-            message("document", media_url="https://cdn.test/t.pdf"),
-            "/chat/send/document",
-            {
-                "Phone": "4915112345678",
-                "Document": "https://cdn.test/t.pdf",
-                "FileName": "document",
-                "Id": gateway_message_id(7, "reply-1"),
-            },
-        ),
-        (
             message("markread", read_ids=("wamid.A", "wamid.B")),
             "/chat/markread",
-            {"Id": ["wamid.A", "wamid.B"], "ChatPhone": "4915112345678", "SenderPhone": "4915112345678"},
+            {
+                "Id": ["wamid.A", "wamid.B"],
+                "Chat": "4915112345678@s.whatsapp.net",
+                "Sender": "4915112345678@s.whatsapp.net",
+            },
         ),
     ],
-    ids=["text", "image-caption", "image", "document", "markread"],
+    ids=["text", "markread"],
 )
 async def test_each_kind_is_posted_as_wuzapi_expects(
     client: WuzapiClient, stub: Gateway, outbound: OutboundMessage, path: str, body: dict[str, Any]
@@ -397,6 +379,260 @@ async def test_one_instances_outage_does_not_stop_another(client: WuzapiClient, 
     before = len(stub.requests)
     await client.send(TOKEN, message(text="Hi"))  # answered: the other instance's breaker is its own
     assert len(stub.requests) == before + 1
+
+
+# --------------------------------------------------------------------------- attachments
+
+FILE = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes: not a multiple of 3
+
+
+def source(
+    data: bytes = FILE, size: int = 1000, opened: list[int] | None = None
+) -> Callable[[], AsyncIterator[bytes]]:
+    """A media store's reader: each call is a fresh read of the file from its start."""
+
+    def read() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            if opened is not None:
+                opened.append(1)
+            for at in range(0, len(data), size):
+                yield data[at : at + size]
+
+        return chunks()
+
+    return read
+
+
+def data_url(prefix: str, data: bytes = FILE) -> str:
+    return prefix + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "path", "body"),
+    [
+        (
+            "image",
+            {"mime_type": "image/jpeg", "caption": "Our menu"},
+            "/chat/send/image",
+            {"Caption": "Our menu", "Image": data_url("data:image/jpeg;base64,")},
+        ),
+        (
+            "image",
+            {"mime_type": "image/png"},
+            "/chat/send/image",
+            {"Image": data_url("data:image/png;base64,")},
+        ),
+        (
+            "audio",
+            {"mime_type": "audio/ogg"},
+            "/chat/send/audio",
+            {"Audio": data_url("data:audio/ogg;base64,")},
+        ),
+        (
+            "video",
+            {"mime_type": "video/mp4", "caption": "How to"},
+            "/chat/send/video",
+            {"Caption": "How to", "Video": data_url("data:video/mp4;base64,")},
+        ),
+        (
+            "document",
+            {"mime_type": "application/pdf", "filename": "t.pdf", "caption": "Invoice"},
+            "/chat/send/document",
+            {
+                "FileName": "t.pdf",
+                "Caption": "Invoice",
+                "Document": data_url("data:application/octet-stream;base64,"),
+            },
+        ),
+        # What the gateway cannot send as its kind goes as a document, under a name.
+        (
+            "audio",
+            {"mime_type": "audio/mpeg"},
+            "/chat/send/document",
+            {"FileName": "document.mp3", "Document": data_url("data:application/octet-stream;base64,")},
+        ),
+        (
+            "image",
+            {"mime_type": "image/gif", "filename": "party.gif"},
+            "/chat/send/document",
+            {"FileName": "party.gif", "Document": data_url("data:application/octet-stream;base64,")},
+        ),
+    ],
+    ids=["image-caption", "image", "audio", "video", "document", "mp3-as-document", "gif-as-document"],
+)
+async def test_an_attachment_is_streamed_into_its_endpoints_data_url(
+    client: WuzapiClient, stub: Gateway, kind: str, fields: dict[str, Any], path: str, body: dict[str, Any]
+) -> None:
+    await client.send(TOKEN, message(kind, media_key="7/abc", **fields), source())
+    [request] = stub.requests
+    assert request.url == f"http://wuzapi.test:8080{path}"
+    assert request.headers[contract.TOKEN_HEADER] == TOKEN
+    assert request.headers["content-type"] == "application/json"
+    assert "content-length" not in request.headers  # streamed: chunked
+    expected = {"Phone": "4915112345678", "Id": gateway_message_id(7, "reply-1"), **body}
+    assert request.content == orjson.dumps(expected)  # byte for byte, the media field last
+
+
+async def test_each_attempt_reads_the_file_afresh(client: WuzapiClient, stub: Gateway) -> None:
+    answers = iter([error(500, "Failed to upload file: timeout"), ok({"Id": "X"})])
+    stub.handler = lambda r: next(answers)
+    opened: list[int] = []
+    outbound = message("image", media_key="7/abc", mime_type="image/png")
+    media = source(opened=opened)
+    with pytest.raises(WuzapiTransient):
+        await client.send(TOKEN, outbound, media)
+    await client.send(TOKEN, outbound, media)  # the caller's retry
+    assert len(opened) == 2
+    first, second = (r.content for r in stub.requests)
+    assert first == second and first.endswith(base64.b64encode(FILE) + b'"}')
+
+
+async def test_an_attachment_without_its_bytes_is_refused_before_any_request(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    # WUZAPI downloads nothing: a file named only by URL cannot be sent.
+    with pytest.raises(WuzapiPermanent, match="no attachment to stream"):
+        await client.send(TOKEN, message("image", media_url="https://cdn.test/a.jpg"))
+    assert stub.requests == []
+
+
+async def test_a_file_that_cannot_be_read_is_unavailable_media_not_a_gateway_outage(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    token = "unreadable-file-token"
+    closed: list[bool] = []
+    broken = OSError("store went away")
+
+    def failing() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                yield FILE[:999]
+                raise broken
+            finally:
+                closed.append(True)
+
+        return chunks()
+
+    for _ in range(5):
+        with pytest.raises(MediaUnavailable) as failed:
+            await client.send(token, message("document", media_key="7/abc"), failing)
+        assert isinstance(failed.value, WuzapiTransient)  # retried by the caller
+        assert failed.value.__cause__ is broken
+    assert len(closed) == 5
+    assert breaker_open(token) in (None, 0.0)  # five in a row, past fail_max: the breaker stays shut
+    await client.send(token, message(text="Hi"))
+
+
+class Trickle(httpx.AsyncBaseTransport):
+    """A gateway reached over a slow link: reads the body a piece at a time, `delay_s` apart
+    from the `after`-th on, decoding the data URL as it comes; answers once it has it all."""
+
+    def __init__(self, delay_s: float = 0.0, after: int = 0) -> None:
+        self.delay_s = delay_s
+        self.after = after
+        self.pieces = 0
+        self.largest = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        head, b64, tail, inside = b"", b"", b"", False
+        async for piece in request.stream:
+            self.largest = max(self.largest, len(piece))
+            self.pieces += 1
+            if self.pieces > self.after:
+                await asyncio.sleep(self.delay_s)
+            if not inside:
+                head += piece
+                if b"base64," not in head:
+                    continue
+                head, _, piece = head.partition(b"base64,")
+                inside = True
+            if piece.endswith(b'"}'):
+                piece, tail = piece[:-2], b'"}'
+            b64 += piece
+            whole = len(b64) - len(b64) % 4
+            decoded = base64.b64decode(b64[:whole], validate=True)
+            self.digest.update(decoded)
+            self.size += len(decoded)
+            b64 = b64[whole:]
+        assert (b64, tail) == (b"", b'"}')
+        return ok({"Details": "Sent", "Id": "X"})
+
+
+def _made(transport: httpx.AsyncBaseTransport, **settings: Any) -> WuzapiClient:
+    made = WuzapiClient(
+        "http://wuzapi.test:8080/",
+        connect_timeout_s=0.2,
+        timeout_s=settings.pop("timeout_s", 0.3),
+        breaker_fail_max=3,
+        breaker_reset_s=60.0,
+        **settings,
+    )
+    made._http = httpx.AsyncClient(base_url=made.base_url, transport=transport)
+    return made
+
+
+async def test_a_16_mb_file_is_never_whole_in_memory() -> None:
+    gateway = Trickle()
+    client = _made(gateway)
+    chunk, count = 64 * 1024, 256  # 16 MiB, read as a media store reads it
+
+    def store() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            rng = random.Random(7)
+            for _ in range(count):
+                yield rng.randbytes(chunk)
+
+        return chunks()
+
+    expected = hashlib.sha256()
+    rng = random.Random(7)
+    for _ in range(count):
+        expected.update(rng.randbytes(chunk))
+    tracemalloc.start()
+    try:
+        await client.send(TOKEN, message("video", media_key="7/big", mime_type="video/mp4"), store)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await client.close()
+    assert (gateway.size, gateway.digest.hexdigest()) == (chunk * count, expected.hexdigest())
+    assert gateway.largest <= chunk * 4 // 3 + 8  # one chunk's base64 at a time
+    assert peak < 2 * 1024 * 1024, f"peak {peak:,} bytes for a {chunk * count:,}-byte file"
+
+
+async def test_an_upload_has_its_own_deadline_not_the_text_timeout() -> None:
+    slow = _made(Trickle(delay_s=0.05), timeout_s=0.1, media_timeout_s=5.0)
+    try:
+        # Eight pieces 50 ms apart: past the 0.1 s a text call has, within the upload's 5 s.
+        await slow.send(TOKEN, message("image", media_key="7/abc", mime_type="image/png"), source(size=2000))
+    finally:
+        await slow.close()
+    opened: list[int] = []
+    closed: list[bool] = []
+
+    def tracked() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            opened.append(1)
+            try:
+                for at in range(0, len(FILE), 500):
+                    yield FILE[at : at + 500]
+            finally:
+                closed.append(True)
+
+        return chunks()
+
+    stuck = _made(Trickle(delay_s=10, after=3), media_timeout_s=0.3)  # stalls mid-file
+    started = asyncio.get_running_loop().time()
+    try:
+        with pytest.raises(WuzapiTransient, match=r"timeout after 0\.3s on /chat/send/image"):
+            await stuck.send(TOKEN, message("image", media_key="7/abc", mime_type="image/png"), tracked)
+    finally:
+        await stuck.close()
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert (opened, closed) == ([1], [True])  # the file is let go at once, not by the collector
 
 
 def test_instance_names_do_not_leak_the_token() -> None:
