@@ -23,7 +23,7 @@ from schemas.media import MediaJob
 from tests.api.world import auth
 from tests.desk import NOW as AT
 from tests.desk import Desk, bsuid, card, envelope, open_desk, wamid
-from tests.support import CortexxProcess, GraphSim, ServiceUrls, Simulator, read_topic, wait_until
+from tests.support import CortexxProcess, GraphSim, ServiceUrls, Simulator, metric, read_topic, wait_until
 
 Json = dict[str, Any]
 PAGE = "112233445566"
@@ -117,6 +117,12 @@ async def test_a_photo_is_fetched_checked_kept_and_served_to_the_company_only(
             await other_client.get(f"{api.url}{media['url']}", headers=auth(other.cookie))
         ).status_code == 404
     assert (await desk.client.get(f"{api.url}{media['url']}")).status_code == 401
+
+    # The worker counts fetches by outcome, and bytes.
+    port = worker.env["CORTEXX_WORKER_METRICS_PORT"]
+    text = (await desk.client.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert metric(text, "cortexx_media_fetches_total", source="whatsapp", outcome="stored") >= 1
+    assert metric(text, "cortexx_media_bytes_total", source="whatsapp") >= 300_000
 
 
 async def test_a_redelivered_webhook_fetches_and_stores_its_file_once(
