@@ -153,7 +153,11 @@ def _security_headers(headers: dict[str, str]) -> dict[str, str]:
 
 @router.api_route(
     "/api/v1/media/{media_id}",
-    methods=["GET", "HEAD"],
+    methods=["HEAD"],
+    include_in_schema=False,  # a HEAD answer has no body: documented with the GET
+)
+@router.get(
+    "/api/v1/media/{media_id}",
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The file."},
         206: {"description": "The range asked for."},
