@@ -60,8 +60,12 @@ async def test_ready_reports_every_dependency(client: httpx.AsyncClient, api: Co
     assert checks["broker"]["status"] == "up"
     assert checks["wuzapi"]["status"] in ("up", "degraded")
     assert checks["consumer_lag"]["group"] == "cortexx"
-    assert set(checks["consumer_lag"]["topics"]) == {"meta.webhooks", "wuzapi.outbound"}
-    assert set(checks["dead_letters"]["topics"]) == {"meta.webhooks.dlq", "wuzapi.outbound.dlq"}
+    assert set(checks["consumer_lag"]["topics"]) == {"meta.webhooks", "wuzapi.outbound", "meta.media"}
+    assert set(checks["dead_letters"]["topics"]) == {
+        "meta.webhooks.dlq",
+        "wuzapi.outbound.dlq",
+        "meta.media.dlq",
+    }
     assert checks["memory"]["rss_bytes"] > 10_000_000
 
 
@@ -132,8 +136,12 @@ async def test_ready_within_100ms_when_the_broker_hangs_or_dies(
 
         body = await wait_until(snapshot_in, timeout_s=20, what="/ready with lag 6")
         checks = body["checks"]
-        assert checks["consumer_lag"]["topics"] == {"meta.webhooks": 6, "wuzapi.outbound": 0}
-        assert checks["dead_letters"]["topics"] == {"meta.webhooks.dlq": 3, "wuzapi.outbound.dlq": 0}
+        assert checks["consumer_lag"]["topics"] == {"meta.webhooks": 6, "wuzapi.outbound": 0, "meta.media": 0}
+        assert checks["dead_letters"]["topics"] == {
+            "meta.webhooks.dlq": 3,
+            "wuzapi.outbound.dlq": 0,
+            "meta.media.dlq": 0,
+        }
         assert checks["wuzapi"]["status"] == "degraded"
         assert {"instance": instance, "state": "open", "failures": 5}.items() <= next(
             b for b in checks["wuzapi"]["breakers"] if b["instance"] == instance

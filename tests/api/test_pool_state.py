@@ -351,6 +351,30 @@ async def test_no_request_leaves_session_state_on_a_pooled_connection(
         await call(
             "POST", messages, cookie=agent, path={"conversation_id": conversation}, json=reply, expect=202
         )
+        # A reply with a file, twice under one id, then the file served whole and in part.
+        attachments = "/api/v1/conversations/{conversation_id}/attachments"
+        upload = {"files": {"file": ("menu.png", b"\x89PNG" + secrets.token_bytes(2000), "image/png")}}
+        form = {"id": uuid.uuid4().hex, "caption": "Our menu"}
+        for _ in range(2):
+            sent = await call(
+                "POST",
+                attachments,
+                cookie=agent,
+                path={"conversation_id": conversation},
+                data=form,
+                expect=202,
+                **upload,
+            )
+        media_id = sent.json()["media"][0]["id"]
+        await call("GET", "/api/v1/media/{media_id}", cookie=agent, path={"media_id": media_id})
+        await call(
+            "GET",
+            "/api/v1/media/{media_id}",
+            cookie=agent,
+            path={"media_id": media_id},
+            headers={"Range": "bytes=0-99"},
+            expect=206,
+        )
         await call("GET", "/api/v1/notifications", cookie=agent)
         await call("GET", "/api/v1/notifications/unread-count", cookie=agent)
         await call(
