@@ -36,6 +36,7 @@ from api.queries import (
     REPLY_TARGET,
 )
 from api.responses import json_response
+from api.service import ApiService
 from infra.kafka.producer import BrokerUnavailable
 from infra.kafka.topics import WUZAPI_OUTBOUND
 from infra.runtime.logging import get_logger
@@ -169,6 +170,29 @@ async def list_messages(
     return json_response(content, response)
 
 
+async def queue_reply(service: ApiService, record: OutboundMessage) -> None:
+    """Put a stored reply on `wuzapi.outbound`; 503 `broker_unavailable` if the broker does not
+    acknowledge it in time (the pending row stays: a retry with the same id queues it)."""
+    try:
+        await service.producer.send_all(
+            WUZAPI_OUTBOUND, [(record.key, record.to_bytes())], timeout_s=service.settings.produce_timeout_s
+        )
+    except BrokerUnavailable as exc:
+        # Not lost work: a retry with the same id queues it, and a record that timed out here
+        # but landed anyway is sent once by id.
+        REPLIES.labels("broker_unavailable").inc()
+        log.warning(
+            "reply.broker_unavailable", conversation_id=record.conversation_id, id=record.id, error=str(exc)
+        )
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            f"the reply is saved as pending but not queued; retry with id {record.id}",
+        ) from None
+    REPLIES.labels("queued").inc()
+    log.info("reply.queued", conversation_id=record.conversation_id, id=record.id, kind=record.kind)
+
+
 def reply_refusal(target: asyncpg.Record | None) -> ApiError | None:
     """Why a reply to this conversation (`REPLY_TARGET`'s row) cannot be sent, if it cannot."""
     if target is None:
@@ -229,22 +253,5 @@ async def reply(conversation_id: ConversationId, body: ReplyIn, db: Scoped, serv
         text=body.text,
         user_id=user.id,
     )
-    try:
-        await service.producer.send_all(
-            WUZAPI_OUTBOUND, [(record.key, record.to_bytes())], timeout_s=service.settings.produce_timeout_s
-        )
-    except BrokerUnavailable as exc:
-        # The pending row stays (the agent sees it). It is not lost work: a retry with the same
-        # id queues it, and a record that timed out here but landed anyway is sent once by id.
-        REPLIES.labels("broker_unavailable").inc()
-        log.warning(
-            "reply.broker_unavailable", conversation_id=conversation_id, id=outbound_id, error=str(exc)
-        )
-        raise ApiError(
-            503,
-            "broker_unavailable",
-            f"the reply is saved as pending but not queued; retry with id {outbound_id}",
-        ) from None
-    REPLIES.labels("queued").inc()
-    log.info("reply.queued", conversation_id=conversation_id, id=outbound_id)
+    await queue_reply(service, record)
     return message_out(row)

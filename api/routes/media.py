@@ -31,7 +31,6 @@ from fastapi.responses import StreamingResponse
 from api.db import ScopedDb
 from api.deps import Service, connection, current_user
 from api.errors import ApiError, NotFound, error_response
-from api.metrics import REPLIES
 from api.models import MessageOut
 from api.queries import (
     ATTACHMENT_INSERT,
@@ -41,9 +40,7 @@ from api.queries import (
     REPLY_EXISTING,
     REPLY_TARGET,
 )
-from api.routes.conversations import reply_refusal
-from infra.kafka.producer import BrokerUnavailable
-from infra.kafka.topics import WUZAPI_OUTBOUND
+from api.routes.conversations import queue_reply, reply_refusal
 from infra.runtime.logging import get_logger
 from infra.storage import MediaNotFound, StoreUnavailable
 from schemas.outbound import OutboundMessage
@@ -349,20 +346,5 @@ async def reply_with_attachment(
         mime_type=mime,
         user_id=user.id,
     )
-    try:
-        await service.producer.send_all(
-            WUZAPI_OUTBOUND, [(record.key, record.to_bytes())], timeout_s=settings.produce_timeout_s
-        )
-    except BrokerUnavailable as exc:
-        REPLIES.labels("broker_unavailable").inc()
-        log.warning(
-            "reply.broker_unavailable", conversation_id=conversation_id, id=outbound_id, error=str(exc)
-        )
-        raise ApiError(
-            503,
-            "broker_unavailable",
-            f"the reply is saved as pending but not queued; retry with id {outbound_id}",
-        ) from None
-    REPLIES.labels("queued").inc()
-    log.info("reply.queued", conversation_id=conversation_id, id=outbound_id, kind=kind, bytes=size)
+    await queue_reply(service, record)
     return MessageOut(**dict(row))
