@@ -28,6 +28,9 @@ from api.ops.models import (
     LetterFilterIn,
     LetterOut,
     LettersOut,
+    MediaCountsOut,
+    MediaFailureOut,
+    MediaFailuresOut,
     OverviewOut,
     PointOut,
     ProcessOut,
@@ -39,7 +42,7 @@ from api.ops.models import (
     WhatsAppContactsOut,
     WorkerOut,
 )
-from api.ops.queries import MESSAGE_STATUS, REPLAY_EVENTS, REPLAY_EVENTS_OF, TENANTS
+from api.ops.queries import MEDIA_FAILURES, MESSAGE_STATUS, REPLAY_EVENTS, REPLAY_EVENTS_OF, TENANTS
 from api.service import ApiService
 from api.sessions import SessionUser
 from infra.kafka.replay import LetterFilter, ReplayError, StoredLetter, replay
@@ -243,6 +246,12 @@ async def replay_letters(service: ApiService, user: SessionUser, body: ReplayIn)
     )
 
 
+async def media_failures(db: Db, limit: int = 200) -> MediaFailuresOut:
+    """Files that could not be fetched, or are being retried, newest first. Their dead letters
+    are on `meta.media.dlq`, in the dead-letter views (topic `meta.media`)."""
+    return MediaFailuresOut(items=[MediaFailureOut(**dict(r)) for r in await db.fetch(MEDIA_FAILURES, limit)])
+
+
 async def replay_events(db: Db, limit: int = 50) -> list[ReplayEventOut]:
     return [ReplayEventOut(**dict(r)) for r in await db.fetch(REPLAY_EVENTS, limit)]
 
@@ -272,6 +281,12 @@ async def tenants(service: ApiService, db: Db, limit: int = 500) -> TenantsOut:
                 messages_24h=r["last_24h"],
                 whatsapp_contacts=WhatsAppContactsOut(
                     total=r["wa_total"], with_phone=r["wa_with_phone"], username_only=r["wa_username_only"]
+                ),
+                media=MediaCountsOut(
+                    stored=r["media_stored"],
+                    pending=r["media_pending"],
+                    failed=r["media_failed"],
+                    bytes=r["media_bytes"],
                 ),
                 last_webhook_at=r["last_at"],
                 usual_gap_s=None if gap is None else round(gap, 1),

@@ -140,12 +140,36 @@ class WhatsAppContactsOut(BaseModel):
     )
 
 
+class MediaCountsOut(BaseModel):
+    stored: int
+    pending: int = Field(description="Being fetched (or retried).")
+    failed: int = Field(description="Could not be fetched: see the console's media failures.")
+    bytes: int = Field(description="Bytes stored.")
+
+
+class MediaFailureOut(BaseModel):
+    id: str
+    tenant: str
+    message_external_id: str
+    kind: str
+    source: str
+    state: str
+    reason: str | None
+    attempts: int
+    updated_at: datetime
+
+
+class MediaFailuresOut(BaseModel):
+    items: list[MediaFailureOut]
+
+
 class TenantOut(BaseModel):
     slug: str
     name: str
     messages_total: int
     messages_24h: int
     whatsapp_contacts: WhatsAppContactsOut
+    media: MediaCountsOut
     last_webhook_at: datetime | None
     usual_gap_s: float | None = Field(description="Mean gap between webhooks over the last 7 days.")
     silent_s: float | None = Field(description="Seconds since the last webhook.")

@@ -17,6 +17,13 @@ TENANTS = Query(
                count(*) FILTER (WHERE phone_number IS NOT NULL) AS with_phone,
                count(*) FILTER (WHERE phone_number IS NULL AND username IS NOT NULL) AS username_only
           FROM contacts WHERE channel = 'whatsapp' AND deleted_at IS NULL GROUP BY company_id
+    ), media_by_state AS (
+        SELECT company_id,
+               count(*) FILTER (WHERE state = 'stored') AS stored,
+               count(*) FILTER (WHERE state = 'pending') AS pending,
+               count(*) FILTER (WHERE state = 'failed') AS failed,
+               coalesce(sum(size_bytes) FILTER (WHERE state = 'stored'), 0) AS bytes
+          FROM media GROUP BY company_id
     ), events AS (
         SELECT company_id, created_at,
                CASE WHEN direction = 'inbound' THEN created_at ELSE status_at END AS webhook_at
@@ -36,10 +43,27 @@ TENANTS = Query(
                 THEN extract(epoch FROM (p.last_at - p.first_7d)) / (p.n_7d - 1) END AS usual_gap_s,
            extract(epoch FROM (now() - p.last_at)) AS silent_s,
            coalesce(w.total, 0) AS wa_total, coalesce(w.with_phone, 0) AS wa_with_phone,
-           coalesce(w.username_only, 0) AS wa_username_only
+           coalesce(w.username_only, 0) AS wa_username_only,
+           coalesce(md.stored, 0) AS media_stored, coalesce(md.pending, 0) AS media_pending,
+           coalesce(md.failed, 0) AS media_failed, coalesce(md.bytes, 0) AS media_bytes
       FROM companies c LEFT JOIN per_company p ON p.company_id = c.id
       LEFT JOIN contacts_by_identity w ON w.company_id = c.id
+      LEFT JOIN media_by_state md ON md.company_id = c.id
      ORDER BY c.slug
+     LIMIT $1
+    """,
+)
+
+# Files that could not be fetched (failed) or are being retried (pending with what the last
+# attempt met), newest first, every company's.
+MEDIA_FAILURES = Query(
+    "ops.media_failures",
+    """
+    SELECT m.id::text AS id, c.slug AS tenant, m.message_external_id, m.kind, m.source, m.state,
+           m.reason, m.attempts, m.updated_at
+      FROM media m JOIN companies c ON c.id = m.company_id
+     WHERE (m.state = 'failed' OR (m.state = 'pending' AND m.reason IS NOT NULL))
+     ORDER BY m.updated_at DESC
      LIMIT $1
     """,
 )

@@ -25,6 +25,7 @@ from api.ops.models import (
     LetterDetailOut,
     LetterFilterIn,
     LettersOut,
+    MediaFailuresOut,
     OverviewOut,
     ReplayIn,
     ReplayOut,
@@ -135,6 +136,13 @@ async def replay_json(body: ReplayIn, request: Request, user: Operator, service:
 async def replays_json(_: Operator, db: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> ReplaysOut:
     """The replay audit: who replayed which dead letter, when (newest first)."""
     return ReplaysOut(items=await data.replay_events(db, limit))
+
+
+@api.get("/media-failures")
+async def media_failures_json(_: Operator, db: Conn) -> MediaFailuresOut:
+    """Files that could not be fetched (with the reason) or are being retried, newest first; their
+    dead letters are on `meta.media.dlq`."""
+    return await data.media_failures(db)
 
 
 @api.get("/tenants")
@@ -255,6 +263,15 @@ async def letter_page(
     assert user is not None
     detail = await data.letter(service, db, letter_id)
     return _page("letter.html", letter=detail, **_context(service, user, "dead-letters"))
+
+
+@pages.get("/media")
+async def media_page(request: Request, user: PageUser, service: Service, db: Conn) -> Response:
+    if (denied := _gate(request, user)) is not None:
+        return denied
+    assert user is not None
+    failures = await data.media_failures(db)
+    return _page("media.html", failures=failures, **_context(service, user, "media"))
 
 
 @pages.get("/tenants")

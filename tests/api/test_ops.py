@@ -27,7 +27,7 @@ async def test_agents_and_company_admins_get_403_and_strangers_401(
     await db.execute("UPDATE users SET role = 'admin' WHERE id = $1", world.x.colleague.id)
     for user in (world.x.agent, world.x.colleague):
         cookie = await login(client, ops_api, user)
-        for path in ("overview", "dead-letters", "tenants", "replays"):
+        for path in ("overview", "dead-letters", "tenants", "replays", "media-failures"):
             response = await client.get(f"{ops_api.url}/api/v1/ops/{path}", headers=auth(cookie))
             assert response.status_code == 403, path
             assert response.json()["error"] == "forbidden"
@@ -191,3 +191,41 @@ async def test_tenants_count_whatsapp_contacts_by_how_they_are_known(
     assert 'data-whatsapp-contacts="11"' in row
     assert "<span data-with-phone>8</span> with phone" in row
     assert "<span data-username-only>2</span> username only" in row
+
+
+async def test_operators_see_media_that_could_not_be_fetched_and_why(
+    client: httpx.AsyncClient, ops_api: CortexxProcess, db, world
+):
+    await _make_operator(db, world)
+    company = world.x.tenant.id
+    for n, (state, reason) in enumerate(
+        [
+            ("failed", "media_not_found: 400 Unsupported get request"),
+            ("pending", "retrying: graph_unavailable: 500"),
+            ("stored", None),
+            ("pending", None),
+        ]
+    ):
+        await db.execute(
+            "INSERT INTO media (company_id, message_external_id, direction, source, kind, state, reason,"
+            " storage_key, size_bytes) VALUES ($1, $2, 'inbound', 'whatsapp', 'image', $3, $4, $5, 1000)",
+            company,
+            f"wamid.ops-media-{n}",
+            state,
+            reason,
+            "k" if state == "stored" else None,
+        )
+    cookie = await login(client, ops_api, world.x.agent)
+    listed = (await client.get(f"{ops_api.url}/api/v1/ops/media-failures", headers=auth(cookie))).json()
+    mine = {m["message_external_id"]: m for m in listed["items"] if m["tenant"] == world.x.tenant.slug}
+    assert set(mine) == {"wamid.ops-media-0", "wamid.ops-media-1"}  # the failed, and the retried
+    assert mine["wamid.ops-media-0"]["reason"].startswith("media_not_found")
+
+    tenants = (await client.get(f"{ops_api.url}/api/v1/ops/tenants", headers=auth(cookie))).json()
+    media = next(t for t in tenants["items"] if t["slug"] == world.x.tenant.slug)["media"]
+    assert media == {"stored": 1, "pending": 2, "failed": 1, "bytes": 1000}
+
+    page = await client.get(f"{ops_api.url}/ops/media", headers=auth(cookie))
+    assert page.status_code == 200
+    assert "media_not_found: 400 Unsupported get request" in page.text
+    assert "/ops/dead-letters?topic=meta.media" in page.text
