@@ -1,4 +1,4 @@
-"""`cortexx bench ingest|worker|read|footprint|latency`: the benchmarks of bench/, one command each.
+"""`cortexx bench ingest|worker|read|footprint|latency|media`: the benchmarks of bench/, one command each.
 
 Each starts its own embedded Postgres and broker in a temp dir (never the ports of a running
 stack), runs its baselines in the same run, prints a table and appends its results to
@@ -98,6 +98,19 @@ def bench_latency(
     from bench.latency import run
 
     run(samples, blocks, seed)
+
+
+@bench_app.command("media")
+def bench_media(
+    files: int = typer.Option(16, help="Files fetched per round."),
+    size_mb: float = typer.Option(32.0, help="Size of each file, in MB."),
+    concurrency: int = typer.Option(4, help="Downloads at once (both paths)."),
+    rounds: int = typer.Option(2, help="Rounds of ours then the plain download."),
+) -> None:
+    """The media agent's path (lookup, checked download, store, row) vs a plain streamed download."""
+    from bench.media import print_run, run
+
+    print_run(run(files, size_mb, concurrency, rounds))
 
 
 def _worker_settings(setting: list[str]) -> dict[str, str]:
