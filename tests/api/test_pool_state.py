@@ -417,6 +417,8 @@ async def test_no_request_leaves_session_state_on_a_pooled_connection(
         await call("GET", "/ops", cookie=ops)
         await call("GET", "/ops/charts/{name}.svg", cookie=ops, path={"name": "throughput"})
         await call("GET", "/ops/tenants", cookie=ops)
+        await call("GET", "/api/v1/ops/media-failures", cookie=ops)
+        await call("GET", "/ops/media", cookie=ops)
         await call("GET", "/ops/dead-letters/{letter_id}", cookie=ops, path={"letter_id": letter_id})
         html = (await call("GET", "/ops/dead-letters", cookie=ops, params=where)).text
         csrf = html.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
