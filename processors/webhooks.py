@@ -99,7 +99,7 @@ class WebhookWriter:
         writer: RowWriter | None = None
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(initial=0.1, max=self.retry_max_s),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self.retry_max_s),
             before_sleep=self._log_retry,
             reraise=True,
         ):

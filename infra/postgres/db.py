@@ -59,7 +59,7 @@ async def connect(url: str, *, wait_s: float = 0.0) -> asyncpg.Connection:
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(STARTING_ERRORS),
         stop=stop_after_delay(wait_s),
-        wait=wait_exponential_jitter(initial=0.1, max=1.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=1.0),
         reraise=True,
     ):
         with attempt:

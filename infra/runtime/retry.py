@@ -36,7 +36,7 @@ async def until_it_passes(
 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(retry_if),
-        wait=wait_exponential_jitter(initial=initial_s, max=max_s),
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_s),
         before_sleep=before_sleep,
         reraise=True,
     ):
