@@ -1,10 +1,10 @@
 """`/ready`: every dependency's state, answered within `ready_timeout_s` whatever hangs.
 
-Each live check (Postgres, the broker, the WUZAPI breaker rows) is a `Probe`: at most one call in
-flight, awaited for at most the deadline, so a hung dependency costs /ready its deadline once,
-not a pile of stuck calls. Consumer lag and dead-letter depth need several broker round trips,
-so a background task refreshes them every `broker_probe_interval_s` through long-lived clients
-(infra.kafka.offsets), and /ready reports that snapshot with its age.
+Each live check (Postgres, the broker, the WUZAPI breaker rows, the media store) is a `Probe`:
+at most one call in flight, awaited for at most the deadline, so a hung dependency costs /ready
+its deadline once, not a pile of stuck calls. Consumer lag and dead-letter depth need several
+broker round trips, so a background task refreshes them every `broker_probe_interval_s` through
+long-lived clients (infra.kafka.offsets), and /ready reports that snapshot with its age.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from infra.kafka.topics import (
 from infra.postgres.db import DB_DOWN_ERRORS
 from infra.runtime.logging import get_logger
 from infra.runtime.settings import Settings
+from infra.storage import MediaStore, StoreUnavailable
 
 log = get_logger("api.ready")
 
@@ -100,6 +101,7 @@ class Readiness:
         self,
         settings: Settings,
         get_pool: Callable[[], asyncpg.Pool | None],
+        store: MediaStore | None = None,
     ) -> None:
         assert settings.kafka_bootstrap
         self._settings = settings
@@ -114,13 +116,15 @@ class Readiness:
         self._postgres = Probe(self._ping_postgres)
         self._breakers = Probe(self._read_breakers)
         self._broker = Probe(self._ping_broker)
+        self._store = store
+        self._store_probe = Probe(self._ping_store)
         self._process = psutil.Process()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="ready-monitor")
 
     async def stop(self) -> None:
-        for probe in (self._postgres, self._breakers, self._broker):
+        for probe in (self._postgres, self._breakers, self._broker, self._store_probe):
             probe.cancel()
         if self._task is not None:
             self._task.cancel()
@@ -164,6 +168,10 @@ class Readiness:
         if offsets is None or not self._started:
             raise NotConnected(self.snapshot.error or "not connected yet")
         await offsets.ping()
+
+    async def _ping_store(self) -> None:
+        if self._store is not None:
+            await self._store.ping()
 
     # The background snapshot of lag and dead letters.
 
@@ -250,7 +258,7 @@ class Readiness:
         except TimeoutError as exc:
             READY.labels(name).set(0)
             return {"status": "down", "error": f"timeout: {exc}"}, None
-        except (*BROKER_ERRORS, DatabaseUnavailable, asyncpg.PostgresError) as exc:
+        except (*BROKER_ERRORS, DatabaseUnavailable, asyncpg.PostgresError, StoreUnavailable) as exc:
             READY.labels(name).set(0)
             detail = exc.detail if isinstance(exc, DatabaseUnavailable) else _describe(exc)
             return {"status": "down", "error": detail}, None
@@ -280,12 +288,18 @@ class Readiness:
         return lag, dead
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
-        """Whether the API can serve (Postgres and broker up), and the state of everything."""
-        (postgres, _), (broker, _), (wuzapi, breakers) = await asyncio.gather(
+        """Whether the API can serve (Postgres and broker up), and the state of everything.
+
+        The media store is reported, not required: with it down, everything but files is served
+        (and files answer 503 `store_unavailable`), so the API stays in rotation."""
+        (postgres, _), (broker, _), (wuzapi, breakers), (store, _) = await asyncio.gather(
             self._check(self._postgres, "postgres"),
             self._check(self._broker, "broker"),
             self._check(self._breakers, "wuzapi"),
+            self._check(self._store_probe, "media_store"),
         )
+        if self._store is not None:
+            store = {**store, "kind": self._store.kind}
         if breakers is not None:
             not_closed = [b for b in breakers if b["state"] != "closed"]
             wuzapi = {
@@ -308,6 +322,7 @@ class Readiness:
                 "postgres": postgres,
                 "broker": broker,
                 "wuzapi": wuzapi,
+                "media_store": store,
                 "consumer_lag": lag,
                 "dead_letters": dead,
                 "memory": memory,

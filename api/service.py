@@ -54,7 +54,7 @@ class ApiService:
         )
         # Media files: served from here, and reply attachments stored here (infra/storage).
         self.media_store = MediaStore.from_settings(settings)
-        self.readiness = Readiness(settings, self._get_pool)
+        self.readiness = Readiness(settings, self._get_pool, self.media_store)
         self.ops = OpsConsole(settings, secret, lambda: self.readiness.snapshot)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -75,6 +75,9 @@ async def overview(service: ApiService) -> OverviewOut:
         },
         "postgres": ProcessOut(status=checks["postgres"]["status"], error=checks["postgres"].get("error")),
         "broker": ProcessOut(status=checks["broker"]["status"], error=checks["broker"].get("error")),
+        "media_store": ProcessOut(
+            status=checks["media_store"]["status"], error=checks["media_store"].get("error")
+        ),
     }
     for name in ("ingest", "worker"):
         processes.setdefault(name, ProcessOut(status="unknown", error="not scraped yet"))

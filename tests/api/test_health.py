@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from harness.embedded import EmbeddedBroker
 from infra.kafka.topics import META_WEBHOOKS, META_WEBHOOKS_DLQ, declare_topics
 from tests.api.world import World, auth, login
-from tests.support import CortexxProcess, ServiceUrls, wait_until
+from tests.support import CortexxProcess, ServiceUrls, free_port, wait_until
 
 
 async def test_health_metrics_and_docs(client: httpx.AsyncClient, api: CortexxProcess, world: World):
@@ -67,6 +67,7 @@ async def test_ready_reports_every_dependency(client: httpx.AsyncClient, api: Co
         "meta.media.dlq",
     }
     assert checks["memory"]["rss_bytes"] > 10_000_000
+    assert checks["media_store"]["status"] == "up" and checks["media_store"]["kind"] == "local"
 
 
 @pytest.fixture
@@ -121,6 +122,11 @@ async def test_ready_within_100ms_when_the_broker_hangs_or_dies(
         broker_probe_interval_s=0.3,
         produce_timeout_s=1.0,
         slow_query_ms=0,
+        # An object store nobody listens on: reported down, and the API stays ready without it.
+        media_store_url="s3://cortexx-media",
+        media_s3_endpoint=f"http://127.0.0.1:{free_port()}",
+        media_s3_access_key_id="test",
+        media_s3_secret_access_key="test",
     )
     proc.start()
     try:
@@ -143,6 +149,8 @@ async def test_ready_within_100ms_when_the_broker_hangs_or_dies(
             "meta.media.dlq": 0,
         }
         assert checks["wuzapi"]["status"] == "degraded"
+        assert checks["media_store"]["status"] == "down" and checks["media_store"]["kind"] == "s3"
+        assert body["down"] == []
         assert {"instance": instance, "state": "open", "failures": 5}.items() <= next(
             b for b in checks["wuzapi"]["breakers"] if b["instance"] == instance
         ).items()

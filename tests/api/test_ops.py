@@ -52,7 +52,8 @@ async def test_operator_sees_live_overview_and_every_json_view(
         assert r.status_code == 200, r.text
         body = r.json()
         procs = body["processes"]
-        up = all(procs[p]["status"] == "up" for p in ("api", "ingest", "worker", "postgres", "broker"))
+        named = ("api", "ingest", "worker", "postgres", "broker", "media_store")
+        up = all(procs[p]["status"] == "up" for p in named)
         # The broker's lag snapshot comes from its own probe, which may not have run yet.
         return body if up and len(body["series"]) >= 2 and body["lag"]["topics"] else None
 
