@@ -9,7 +9,9 @@ sandboxing CSP.
 
 `POST /api/v1/conversations/{id}/attachments` takes a file (multipart/form-data, at most
 `CORTEXX_ATTACHMENT_MAX_BYTES`: 413 over it), stores it the same way and queues the reply on
-`wuzapi.outbound` like a text reply (same idempotency id, same 202 and 503 answers).
+`wuzapi.outbound` like a text reply (same idempotency id, same 202 and 503 answers). The caller
+is authenticated before a byte of the body is read, so nobody without a session can make the API
+spool a file (FastAPI would parse a form parameter's body before any dependency runs).
 
 The database is used in short steps and no connection is held while bytes flow (a slow client
 downloading a video must not hold a pool connection).
@@ -22,11 +24,14 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, File, Form, Path, Request, Response, UploadFile, status
+from fastapi import APIRouter, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
 from api.db import ScopedDb
 from api.deps import Service, connection, current_user
@@ -41,6 +46,8 @@ from api.queries import (
     REPLY_TARGET,
 )
 from api.routes.conversations import queue_reply, reply_refusal
+from api.service import ApiService
+from api.sessions import SessionUser
 from infra.runtime.logging import get_logger
 from infra.storage import MediaNotFound, StoreUnavailable
 from schemas.outbound import OutboundMessage
@@ -236,25 +243,106 @@ async def _spooled(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+class AttachmentFields(BaseModel):
+    """The form's text fields, beside its `file`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption: str | None = Field(default=None, max_length=1024)
+    id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+
+# Documented by hand: the route reads its form itself, after the session is checked.
+ATTACHMENT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The file to send."},
+                        "caption": {"type": "string", "maxLength": 1024},
+                        "id": {
+                            "type": "string",
+                            "pattern": "^[0-9a-f]{32}$",
+                            "description": "The reply's idempotency id: a retry with it is the same reply.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _invalid(loc: str, kind: str, msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body", loc), "msg": msg, "input": None}])
+
+
+async def attachment_form(request: Request) -> tuple[UploadFile, AttachmentFields]:
+    """The form's file and fields, or 415/400/422; the file part is spooled (1 MB in memory, the
+    rest on disk) and never more than the body limit lets in."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "send the file as multipart/form-data")
+    # Malformed multipart is a 400 from Starlette; two files or a flood of fields too.
+    form = await request.form(max_files=1, max_fields=4)
+    upload = form.get("file")
+    texts: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name == "file":
+            continue
+        if not isinstance(value, str):
+            raise _invalid(name, "string_type", "a text field, not a file")
+        texts[name] = value
+    if not isinstance(upload, UploadFile):
+        await form.close()
+        raise _invalid("file", "missing", "Field required: the file, as a file part named `file`")
+    try:
+        fields = AttachmentFields(**texts)
+    except ValidationError as exc:
+        await form.close()
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+    return upload, fields
+
+
 @router.post(
     "/api/v1/conversations/{conversation_id}/attachments",
     status_code=status.HTTP_202_ACCEPTED,
     tags=["conversations"],
-    responses={413: {"description": "The file is over the limit (`attachment_too_large`)."}},
+    responses={
+        413: {"description": "The file is over the limit (`attachment_too_large`)."},
+        415: {"description": "The body is not multipart/form-data."},
+    },
+    openapi_extra=ATTACHMENT_BODY,
 )
 async def reply_with_attachment(
-    conversation_id: ConversationId,
-    request: Request,
-    response: Response,
-    service: Service,
-    file: Annotated[UploadFile, File(description="The file to send.")],
-    caption: Annotated[str | None, Form(max_length=1024)] = None,
-    id: Annotated[str | None, Form(pattern=r"^[0-9a-f]{32}$")] = None,
+    conversation_id: ConversationId, request: Request, response: Response, service: Service
 ) -> MessageOut:
     """Send a file as a reply: stored, then queued like a text reply (202; retry with `id`)."""
-    settings = service.settings
     async with connection(service) as db:
         user = await current_user(request, response, db, service)
+    file, fields = await attachment_form(request)
+    try:
+        return await _reply_with(conversation_id, service, user, file, fields.caption, fields.id)
+    finally:
+        await file.close()
+
+
+async def _reply_with(
+    conversation_id: int,
+    service: ApiService,
+    user: SessionUser,
+    file: UploadFile,
+    caption: str | None,
+    id: str | None,
+) -> MessageOut:
+    settings = service.settings
     limit = settings.attachment_max_bytes
     if file.size is not None and file.size > limit:
         raise ApiError(413, "attachment_too_large", f"the file is over {limit:,} bytes")
