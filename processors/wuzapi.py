@@ -3,8 +3,11 @@ circuit breaker per WUZAPI instance (token).
 
 What a reply means (from WUZAPI's handlers): a timeout, a connection error, a 5xx or a
 429 is transient (retried, and counted by the breaker); 401 is our configuration (permanent, with
-an alert); any other 4xx is permanent. Retrying and waiting are the caller's (processors.outbound):
-this module makes one attempt and says what happened.
+an alert); any other 4xx is permanent. One 500 is about the file, not the gateway: SendImage's
+"Could not decode image for thumbnail preparation" (a corrupt or mislabelled image; nothing was
+sent), after which the same file is sent at once as a document, and no breaker counts it.
+Retrying and waiting are the caller's (processors.outbound): this module makes one attempt and
+says what happened.
 
 An attachment goes inside the JSON body as a base64 data URL (the gateway takes no URL): the body
 is streamed, read afresh from the caller's source for each attempt and encoded as it goes, so a
@@ -71,6 +74,11 @@ class MediaUnavailable(WuzapiTransient):
     """The attachment could not be read during the attempt (its source raised: the cause): the
     body was cut off, so nothing was sent. Not the gateway's fault: excluded from the breaker,
     which (as for a 4xx) takes it as a call that did not fail."""
+
+
+class ImageUndecodable(WuzapiPermanent):
+    """SendImage could not decode the file for its thumbnail: nothing was sent, and retrying the
+    same bytes as an image cannot help (as a document they can go)."""
 
 
 class WuzapiUnauthorized(WuzapiPermanent):
@@ -285,6 +293,9 @@ class WuzapiClient:
             CALLS.labels("ok").inc()
             data = body.get("data")
             return data if isinstance(data, dict) else {}
+        if status == 500 and error.startswith(contract.THUMBNAIL_FAILED):
+            CALLS.labels("image_undecodable").inc()
+            raise ImageUndecodable(f"{status} {error}", status=status)
         if status == 429 or status >= 500:
             CALLS.labels(f"{status // 100}xx" if status != 429 else "429").inc()
             raise WuzapiTransient(
@@ -330,6 +341,20 @@ class WuzapiClient:
         route = contract.media_route(message.kind, message.mime_type)
         if route.kind != message.kind:
             log.info("wuzapi.sent_as_document", id=message.id, kind=message.kind, mime_type=message.mime_type)
+        try:
+            await self._send_file(token, message, route, media)
+        except ImageUndecodable as exc:
+            if route.kind != "image":
+                raise
+            # Under the same id: SendImage fails before sending, so the id is still unused.
+            log.warning(
+                "wuzapi.image_sent_as_document", id=message.id, mime_type=message.mime_type, error=str(exc)
+            )
+            await self._send_file(token, message, contract.media_route("document", message.mime_type), media)
+
+    async def _send_file(
+        self, token: str, message: OutboundMessage, route: contract.MediaRoute, media: MediaSource
+    ) -> None:
         payload = contract.media_request(
             route,
             message.to,

@@ -106,6 +106,9 @@ MEDIA_BY_KIND: dict[str, MediaEndpoint] = {e.kind: e for e in MEDIA_ENDPOINTS.va
 # binary: JPEG (handlers.go imports image/jpeg) and PNG (go-qrcode imports image/png). Any other
 # image fails with a 500 after the upload, so it goes as a document.
 IMAGE_TYPES = {"image/jpeg": "image/jpeg", "image/jpg": "image/jpeg", "image/png": "image/png"}
+# SendImage's 500 when image.Decode refuses the bytes (a corrupt or mislabelled file), after its
+# upload to WhatsApp and before any message is sent: the same file can go as a document.
+THUMBNAIL_FAILED = "Could not decode image for thumbnail preparation"
 # What WhatsApp plays as a video message (the gateway itself takes any "data..." value).
 VIDEO_TYPES = frozenset({"video/mp4", "video/3gpp"})
 # A voice note is Ogg Opus: the gateway labels every audio it sends so.

@@ -309,5 +309,55 @@ async def test_a_reply_carries_a_file_to_the_customer_once(
     assert too_big.json()["error"] in ("attachment_too_large", "body_too_large")
 
 
+async def test_a_photo_wuzapi_cannot_decode_reaches_the_customer_as_a_document(
+    desk: Desk, wuzapi: Simulator, worker: CortexxProcess, api: CortexxProcess, customer: tuple[str, str]
+) -> None:
+    # Labelled a JPEG, but not one: WUZAPI's SendImage answers 500 after its upload. Retrying it
+    # as an image would only open the company's breaker; it goes once, as a document.
+    phone, user_id = customer
+    await desk.post(
+        whatsapp(
+            {
+                "id": wamid(),
+                "from": phone,
+                "from_user_id": user_id,
+                "timestamp": str(AT),
+                "type": "text",
+                "text": {"body": "a photo of the damage please"},
+            },
+            phone=phone,
+            user_id=user_id,
+        )
+    )
+    (conversation,) = await desk.conversations(1)
+    not_a_jpeg = b"HEIC-ish" + secrets.token_bytes(20_000)
+    answer = await desk.client.post(
+        f"{api.url}/api/v1/conversations/{conversation['id']}/attachments",
+        headers=auth(desk.cookie),
+        files={"file": ("damage.jpg", not_a_jpeg, "image/jpeg")},
+        data={"caption": "the damage"},
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["type"] == "image"
+
+    async def delivered() -> list[Any]:
+        ledger = await wuzapi.ledger()
+        return [d for d in ledger["deliveries"].values() if d["phone"] == phone and d.get("sha256")]
+
+    await wait_until(lambda: _nonempty(delivered), timeout_s=30, what="the file at WUZAPI")
+    (delivery,) = await delivered()
+    assert delivery["kind"] == "document" and delivery["accepted"] == 1
+    assert delivery["sha256"] == hashlib.sha256(not_a_jpeg).hexdigest()
+    message_id = answer.json()["id"]
+
+    async def sent() -> bool:
+        listed = await desk.client.get(
+            f"{api.url}/api/v1/conversations/{conversation['id']}/messages", headers=auth(desk.cookie)
+        )
+        return any(m["id"] == message_id and m["status"] == "sent" for m in listed.json()["items"])
+
+    await wait_until(sent, timeout_s=10, what="the reply marked sent")
+
+
 async def _nonempty(probe: Any) -> bool:
     return bool(await probe())

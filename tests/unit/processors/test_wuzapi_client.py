@@ -473,6 +473,30 @@ async def test_an_attachment_is_streamed_into_its_endpoints_data_url(
     assert request.content == orjson.dumps(expected)  # byte for byte, the media field last
 
 
+async def test_an_image_wuzapi_cannot_decode_goes_as_a_document_and_opens_no_breaker(
+    client: WuzapiClient, stub: Gateway
+) -> None:
+    token = "undecodable-images-token"  # its own instance: the gauge is the process's
+
+    def gateway_decodes_nothing(request: httpx.Request) -> httpx.Response:
+        if request.url.path == contract.SEND_IMAGE:
+            # handlers.go: uploaded to WhatsApp, then image.Decode fails; nothing is sent.
+            return error(500, "Could not decode image for thumbnail preparation: image: unknown format")
+        return ok({"Details": "Sent", "Id": "X", "Timestamp": "1"})
+
+    stub.handler = gateway_decodes_nothing
+    photo = message("image", media_key="7/abc", mime_type="image/jpeg", caption="the receipt")
+    for _ in range(5):  # more than breaker_fail_max: none of them counts
+        await client.send(token, photo, source())
+    assert [r.url.path for r in stub.requests[:2]] == [contract.SEND_IMAGE, contract.SEND_DOCUMENT]
+    assert len(stub.requests) == 10
+    resent = orjson.loads(stub.requests[1].content)
+    assert resent["Id"] == orjson.loads(stub.requests[0].content)["Id"] == gateway_message_id(7, "reply-1")
+    assert resent["FileName"] == "document.jpg" and resent["Caption"] == "the receipt"
+    assert resent["Document"] == data_url("data:application/octet-stream;base64,")
+    assert breaker_open(token) in (None, 0.0)
+
+
 async def test_each_attempt_reads_the_file_afresh(client: WuzapiClient, stub: Gateway) -> None:
     answers = iter([error(500, "Failed to upload file: timeout"), ok({"Id": "X"})])
     stub.handler = lambda r: next(answers)
