@@ -261,22 +261,7 @@ async def test_a_messenger_attachment_is_fetched_from_its_own_url(
 async def test_a_reply_carries_a_file_to_the_customer_once(
     desk: Desk, wuzapi: Simulator, worker: CortexxProcess, api: CortexxProcess, customer: tuple[str, str]
 ) -> None:
-    phone, user_id = customer
-    await desk.post(
-        whatsapp(
-            {
-                "id": wamid(),
-                "from": phone,
-                "from_user_id": user_id,
-                "timestamp": str(AT),
-                "type": "text",
-                "text": {"body": "can you send the invoice?"},
-            },
-            phone=phone,
-            user_id=user_id,
-        )
-    )
-    (conversation,) = await desk.conversations(1)
+    phone, conversation = await _conversation_with(desk, customer, "can you send the invoice?")
     invoice = secrets.token_bytes(50_000)
     reply_id = secrets.token_hex(16)
     url = f"{api.url}/api/v1/conversations/{conversation['id']}/attachments"
@@ -314,22 +299,7 @@ async def test_a_photo_wuzapi_cannot_decode_reaches_the_customer_as_a_document(
 ) -> None:
     # Labelled a JPEG, but not one: WUZAPI's SendImage answers 500 after its upload. Retrying it
     # as an image would only open the company's breaker; it goes once, as a document.
-    phone, user_id = customer
-    await desk.post(
-        whatsapp(
-            {
-                "id": wamid(),
-                "from": phone,
-                "from_user_id": user_id,
-                "timestamp": str(AT),
-                "type": "text",
-                "text": {"body": "a photo of the damage please"},
-            },
-            phone=phone,
-            user_id=user_id,
-        )
-    )
-    (conversation,) = await desk.conversations(1)
+    phone, conversation = await _conversation_with(desk, customer, "a photo of the damage please")
     not_a_jpeg = b"HEIC-ish" + secrets.token_bytes(20_000)
     answer = await desk.client.post(
         f"{api.url}/api/v1/conversations/{conversation['id']}/attachments",
@@ -357,6 +327,22 @@ async def test_a_photo_wuzapi_cannot_decode_reaches_the_customer_as_a_document(
         return any(m["id"] == message_id and m["status"] == "sent" for m in listed.json()["items"])
 
     await wait_until(sent, timeout_s=10, what="the reply marked sent")
+
+
+async def _conversation_with(desk: Desk, customer: tuple[str, str], text: str) -> tuple[str, dict[str, Any]]:
+    """The customer writes `text`: their phone and the one conversation it opens."""
+    phone, user_id = customer
+    message = {
+        "id": wamid(),
+        "from": phone,
+        "from_user_id": user_id,
+        "timestamp": str(AT),
+        "type": "text",
+        "text": {"body": text},
+    }
+    await desk.post(whatsapp(message, phone=phone, user_id=user_id))
+    (conversation,) = await desk.conversations(1)
+    return phone, conversation
 
 
 async def _nonempty(probe: Any) -> bool:

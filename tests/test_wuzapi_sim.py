@@ -26,7 +26,13 @@ from hypothesis import strategies as st
 
 from harness.embedded import free_port
 from harness.wuzapi_sim import _STRUCTS, BadPayload, WuzapiSimulator, read_payload
-from processors.wuzapi import Upload, WuzapiClient, WuzapiPermanent, WuzapiTransient, WuzapiUnauthorized
+from processors.wuzapi import (
+    ImageUndecodable,
+    Upload,
+    WuzapiClient,
+    WuzapiPermanent,
+    WuzapiUnauthorized,
+)
 from schemas import wuzapi as contract
 from schemas.outbound import OutboundMessage
 from schemas.wuzapi import TOKEN_HEADER, text_request
@@ -536,14 +542,15 @@ async def test_a_media_send_the_gateway_refuses_gets_its_error_and_delivers_noth
     assert (await sim.ledger())["deliveries"] == {}
 
 
-async def test_the_worker_meets_those_refusals_as_permanent_or_transient(
+async def test_the_worker_takes_those_refusals_as_permanent_never_retried(
     sim: Simulator, worker_client: WuzapiClient
 ) -> None:
     # The worker never sends these: it routes a GIF as a document. Forced here through the call.
     gif = contract.media_request(
         contract.MediaRoute(contract.MEDIA_BY_KIND["image"], "data:image/gif;base64,"), _phone(), "ID1"
     )
-    with pytest.raises(WuzapiTransient, match="thumbnail"):
+    # The file's fault, not the gateway's: no retry as an image (`send` resends it as a document).
+    with pytest.raises(ImageUndecodable, match="thumbnail"):
         await worker_client.call(TOKEN, "/chat/send/image", gif, Upload("Image", _file(GIF)))
     url = contract.image_request(_phone(), "https://cdn.test/menu/today.jpg", None, "ID2")
     with pytest.raises(WuzapiPermanent, match="should start with"):
