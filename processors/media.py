@@ -41,7 +41,7 @@ import orjson
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener, CircuitBreakerState
 from prometheus_client import Counter, Gauge, Histogram
 
-from infra.kafka.deadletters import DeadLetterWriter, letter_for, prior_of
+from infra.kafka.deadletters import DeadLetterWriter, prior_of
 from infra.kafka.topics import META_MEDIA_DLQ
 from infra.postgres.db import is_transient
 from infra.runtime.logging import get_logger
@@ -504,17 +504,7 @@ class MediaFetcher:
     async def _dead_letter(
         self, raw: RawRecord, tenant: str | None, exc: BaseException, *, attempts: int
     ) -> None:
-        letter = letter_for(
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key,
-            value=raw.value,
-            headers=raw.headers,
-            tenant=tenant,
-            exc=exc,
-            attempts=attempts,
-        )
+        letter = raw.dead_letter(tenant, exc, attempts=attempts)
         await self.dead_letters.write(META_MEDIA_DLQ, letter)
 
 

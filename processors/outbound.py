@@ -25,7 +25,7 @@ from prometheus_client import Counter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from infra.kafka.deadletters import DeadLetterWriter, Prior, letter_for, prior_of
+from infra.kafka.deadletters import DeadLetterWriter, Prior, prior_of
 from infra.kafka.topics import WUZAPI_OUTBOUND, WUZAPI_OUTBOUND_DLQ
 from infra.postgres.db import is_transient
 from infra.runtime.logging import get_logger
@@ -243,18 +243,7 @@ class OutboundSender:
     async def _dead_letter(
         self, raw: RawRecord, tenant: str | None, exc: BaseException, *, attempts: int, prior: Prior
     ) -> None:
-        letter = letter_for(
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key,
-            value=raw.value,
-            headers=raw.headers,
-            tenant=tenant,
-            exc=exc,
-            attempts=attempts,
-            prior=prior,
-        )
+        letter = raw.dead_letter(tenant, exc, attempts=attempts, prior=prior)
         info = letter.error
         log.error(
             "outbound.dead_lettered",

@@ -19,7 +19,7 @@ import asyncpg
 from prometheus_client import Counter
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from infra.kafka.deadletters import letter_for
+from infra.kafka.deadletters import Prior, letter_for
 from infra.postgres.db import create_pool, is_transient
 from infra.runtime.logging import get_logger
 from processors.autoreply import Company, CompanyCache
@@ -62,6 +62,23 @@ class RawRecord(NamedTuple):
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+
+    def dead_letter(
+        self, tenant: str | None, exc: BaseException, *, attempts: int, prior: Prior | None = None
+    ) -> DeadLetter:
+        """This record's dead letter, continuing any replay history it carries."""
+        return letter_for(
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            key=self.key,
+            value=self.value,
+            headers=self.headers,
+            tenant=tenant,
+            exc=exc,
+            attempts=attempts,
+            prior=prior,
+        )
 
 
 def _is_poison(exc: BaseException) -> bool:
@@ -180,17 +197,7 @@ class WebhookWriter:
 
     async def _poison(self, raw: RawRecord, tenant: str | None, exc: Exception) -> None:
         # A replayed record that is still poison keeps its attempts and history.
-        letter = letter_for(
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key,
-            value=raw.value,
-            headers=raw.headers,
-            tenant=tenant,
-            exc=exc,
-            attempts=1,
-        )
+        letter = raw.dead_letter(tenant, exc, attempts=1)
         log.error(
             "webhooks.dead_lettered",
             topic=raw.topic,
