@@ -101,7 +101,7 @@ class Readiness:
         self,
         settings: Settings,
         get_pool: Callable[[], asyncpg.Pool | None],
-        store: MediaStore | None = None,
+        store: MediaStore,
     ) -> None:
         assert settings.kafka_bootstrap
         self._settings = settings
@@ -170,8 +170,7 @@ class Readiness:
         await offsets.ping()
 
     async def _ping_store(self) -> None:
-        if self._store is not None:
-            await self._store.ping()
+        await self._store.ping()
 
     # The background snapshot of lag and dead letters.
 
@@ -298,8 +297,7 @@ class Readiness:
             self._check(self._breakers, "wuzapi"),
             self._check(self._store_probe, "media_store"),
         )
-        if self._store is not None:
-            store = {**store, "kind": self._store.kind}
+        store = {**store, "kind": self._store.kind}
         if breakers is not None:
             not_closed = [b for b in breakers if b["state"] != "closed"]
             wuzapi = {

@@ -20,6 +20,7 @@ round: files/s, MB/s, this process's CPU per file, and its peak RSS growth durin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
@@ -249,25 +250,27 @@ def run(
             svc.data_dir,
             port=port,
         )
-        with running(sim):
+        with running(sim), contextlib.ExitStack() as stack:
             registered = _register(sim.url, files, size)
-            if store == "s3":
-                with S3Server(svc.data_dir / "s3") as s3:
-                    s3.create_bucket("media-bench")
-                    media_store = MediaStore.from_url(
-                        "s3://media-bench",
-                        endpoint=s3.endpoint,
-                        region=s3.region,
-                        access_key_id=s3.access_key_id,
-                        secret_access_key=s3.secret_access_key,
-                    )
-                    measured = asyncio.run(
-                        _rounds(svc, sim.url, media_store, registered, concurrency, rounds)
-                    )
-            else:
-                media_store = MediaStore.from_url((svc.data_dir / "media").as_uri())
-                measured = asyncio.run(_rounds(svc, sim.url, media_store, registered, concurrency, rounds))
+            media_store = _media_store(stack, store, svc.data_dir)
+            measured = asyncio.run(_rounds(svc, sim.url, media_store, registered, concurrency, rounds))
     return _summary(measured, files=files, size_mb=size_mb, concurrency=concurrency, store=store)
+
+
+def _media_store(stack: contextlib.ExitStack, store: Store, data_dir: Path) -> MediaStore:
+    """The store the run puts files in: a directory, or a bucket on moto's server (stopped by
+    `stack`)."""
+    if store == "local":
+        return MediaStore.from_url((data_dir / "media").as_uri())
+    s3 = stack.enter_context(S3Server(data_dir / "s3"))
+    s3.create_bucket("media-bench")
+    return MediaStore.from_url(
+        "s3://media-bench",
+        endpoint=s3.endpoint,
+        region=s3.region,
+        access_key_id=s3.access_key_id,
+        secret_access_key=s3.secret_access_key,
+    )
 
 
 async def _rounds(

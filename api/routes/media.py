@@ -290,24 +290,26 @@ async def attachment_form(request: Request) -> tuple[UploadFile, AttachmentField
         raise ApiError(415, "unsupported_media_type", "send the file as multipart/form-data")
     # Malformed multipart is a 400 from Starlette; two files or a flood of fields too.
     form = await request.form(max_files=1, max_fields=4)
-    upload = form.get("file")
-    texts: dict[str, str] = {}
-    for name, value in form.multi_items():
-        if name == "file":
-            continue
-        if not isinstance(value, str):
-            raise _invalid(name, "string_type", "a text field, not a file")
-        texts[name] = value
-    if not isinstance(upload, UploadFile):
-        await form.close()
-        raise _invalid("file", "missing", "Field required: the file, as a file part named `file`")
     try:
-        fields = AttachmentFields(**texts)
-    except ValidationError as exc:
-        await form.close()
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise _invalid("file", "missing", "Field required: the file, as a file part named `file`")
+        texts: dict[str, str] = {}
+        for name, value in form.multi_items():
+            if name == "file":
+                continue
+            if not isinstance(value, str):
+                raise _invalid(name, "string_type", "a text field, not a file")
+            texts[name] = value
+        try:
+            fields = AttachmentFields(**texts)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+    except BaseException:
+        await form.close()  # the spooled file, now rather than when collected
+        raise
     return upload, fields
 
 

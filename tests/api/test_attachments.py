@@ -85,6 +85,22 @@ async def test_a_malformed_form_is_a_clear_4xx(
     assert _objects(services, world.x.id) == []
 
 
+async def test_a_good_form_keeps_its_file_where_the_other_tests_look(
+    client: httpx.AsyncClient, api: CortexxProcess, world: World, services: ServiceUrls
+) -> None:
+    # The control for the "keeps no file" assertions: a file that is kept is seen there.
+    cookie = await login(client, api, world.x.agent)
+    photo = b"\xff\xd8\xff" + b"\1" * 5_000
+    answer = await client.post(
+        _url(api, world.x.conversations[0]),
+        headers=auth(cookie),
+        files={"file": ("photo.jpg", photo, "image/jpeg")},
+    )
+    assert answer.status_code == 202, answer.text
+    (kept,) = _objects(services, world.x.id)
+    assert kept.read_bytes() == photo
+
+
 async def test_another_company_s_conversation_is_a_404_and_keeps_no_file(
     client: httpx.AsyncClient, api: CortexxProcess, world: World, services: ServiceUrls
 ) -> None:

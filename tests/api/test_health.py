@@ -156,6 +156,17 @@ async def test_ready_within_100ms_when_the_broker_hangs_or_dies(
         ).items()
 
         cookie = await login(client, proc, world.x.agent)
+        # With the store down only files are refused, at once and saying why.
+        started = time.perf_counter()
+        attached = await client.post(
+            f"{proc.url}/api/v1/conversations/{world.x.conversations[0]}/attachments",
+            headers=auth(cookie),
+            files={"file": ("a.pdf", b"%PDF-1.4 receipt", "application/pdf")},
+        )
+        assert attached.status_code == 503 and attached.json()["error"] == "store_unavailable", attached.text
+        assert time.perf_counter() - started < 5
+        listed = await client.get(f"{proc.url}/api/v1/conversations", headers=auth(cookie))
+        assert listed.status_code == 200
         lone_broker.pause()
         try:
             elapsed_all = []
